@@ -1,0 +1,1 @@
+"""Developer tools: model generation, benchmarks and the fleet controller."""

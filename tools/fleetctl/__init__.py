@@ -1,0 +1,1 @@
+"""fleetctl: the operator side (keys, repositories, devices, rollouts)."""
