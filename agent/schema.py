@@ -3,7 +3,8 @@
 Model cards ride inside signed metadata, configs come from disk and messages from the network:
 all of it is untrusted. This module turns a parsed mapping into typed, frozen dataclasses and
 rejects anything unexpected with one line that names the key path, the value and what was
-expected. Unknown keys are errors. Sizes are bounded through field metadata.
+expected. Unknown keys are errors (wire messages opt out, see :func:`load`). Sizes are bounded
+through field metadata.
 
 It imports nothing from the project, so every layer (supply chain, protocol, runtime, pipeline)
 may use it.
@@ -96,7 +97,7 @@ def _check_len(path: str, value: Any, meta: Mapping[str, Any], default_max: int)
         raise SchemaError(f"{path}: expected at least {min_len} items/characters, got {len(value)}")
 
 
-def _convert(path: str, tp: Any, value: Any, meta: Mapping[str, Any]) -> Any:
+def _convert(path: str, tp: Any, value: Any, meta: Mapping[str, Any], lax: bool = False) -> Any:
     origin = get_origin(tp)
     if tp is Any:
         return value
@@ -113,13 +114,13 @@ def _convert(path: str, tp: Any, value: Any, meta: Mapping[str, Any]) -> Any:
             return None
         tagged = _tagged_members(args)
         if tagged is not None:
-            return _convert_tagged(path, tagged, value)
+            return _convert_tagged(path, tagged, value, lax)
         errors = []
         for arg in args:
             if arg is type(None):
                 continue
             try:
-                return _convert(path, arg, value, meta)
+                return _convert(path, arg, value, meta, lax)
             except SchemaError as exc:
                 errors.append(exc)
         if len(errors) == 1:
@@ -133,13 +134,13 @@ def _convert(path: str, tp: Any, value: Any, meta: Mapping[str, Any]) -> Any:
             _check_len(path, value, meta, _MAX_ITEMS_DEFAULT)
             item_meta = {k: v for k, v in meta.items() if k in ("min", "max")}
             return tuple(
-                _convert(f"{path}[{i}]", args[0], v, item_meta) for i, v in enumerate(value)
+                _convert(f"{path}[{i}]", args[0], v, item_meta, lax) for i, v in enumerate(value)
             )
         if len(value) != len(args):
             raise SchemaError(f"{path}: expected {_type_name(tp)}, got {len(value)} items")
         item_meta = {k: v for k, v in meta.items() if k in ("min", "max")}
         return tuple(
-            _convert(f"{path}[{i}]", a, v, item_meta)
+            _convert(f"{path}[{i}]", a, v, item_meta, lax)
             for i, (a, v) in enumerate(zip(args, value, strict=False))
         )
     if origin is dict:
@@ -153,10 +154,10 @@ def _convert(path: str, tp: Any, value: Any, meta: Mapping[str, Any]) -> Any:
                 raise SchemaError(f"{path}: expected string keys, got {_show(k)}")
             if len(k) > _MAX_STR_DEFAULT:
                 raise SchemaError(f"{path}: key longer than {_MAX_STR_DEFAULT} characters")
-            out[k] = _convert(f"{path}.{k}", val_tp, v, {})
+            out[k] = _convert(f"{path}.{k}", val_tp, v, {}, lax)
         return out
     if dataclasses.is_dataclass(tp) and isinstance(tp, type):
-        return _load_dataclass(path, tp, value)
+        return _load_dataclass(path, tp, value, lax)
     if tp is bool:
         if not isinstance(value, bool):
             raise SchemaError(f"{path}: expected a boolean, got {_show(value)}")
@@ -195,7 +196,7 @@ def _tagged_members(args: tuple[Any, ...]) -> dict[str, type] | None:
     return tags
 
 
-def _convert_tagged(path: str, tagged: dict[str, type], value: Any) -> Any:
+def _convert_tagged(path: str, tagged: dict[str, type], value: Any, lax: bool = False) -> Any:
     if not isinstance(value, Mapping):
         raise SchemaError(f"{path}: expected an object with a 'kind' key, got {_show(value)}")
     kind = value.get("kind")
@@ -203,7 +204,7 @@ def _convert_tagged(path: str, tagged: dict[str, type], value: Any) -> Any:
     if member is None:
         choices = ", ".join(repr(k) for k in tagged)
         raise SchemaError(f"{path}.kind: expected one of {choices}, got {_show(kind)}")
-    return _load_dataclass(path, member, value)
+    return _load_dataclass(path, member, value, lax)
 
 
 def _check_range(path: str, value: float, meta: Mapping[str, Any]) -> None:
@@ -227,12 +228,12 @@ def _hints(cls: type) -> dict[str, Any]:
     return hints
 
 
-def _load_dataclass(path: str, cls: type[T], value: Any) -> T:
+def _load_dataclass(path: str, cls: type[T], value: Any, lax: bool = False) -> T:
     if not isinstance(value, Mapping):
         raise SchemaError(f"{path}: expected {_type_name(cls)}, got {_show(value)}")
     fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     unknown = sorted(set(value) - set(fields))
-    if unknown:
+    if unknown and not lax:
         allowed = ", ".join(sorted(fields))
         raise SchemaError(f"{path}: unknown key {unknown[0]!r} (allowed: {allowed})")
     hints = _hints(cls)
@@ -243,7 +244,7 @@ def _load_dataclass(path: str, cls: type[T], value: Any) -> T:
             if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
                 raise SchemaError(f"{sub}: required key is missing ({_type_name(hints[name])})")
             continue
-        kwargs[name] = _convert(sub, hints[name], value[name], f.metadata)
+        kwargs[name] = _convert(sub, hints[name], value[name], f.metadata, lax)
     try:
         return cls(**kwargs)
     except SchemaError:
@@ -252,13 +253,17 @@ def _load_dataclass(path: str, cls: type[T], value: Any) -> T:
         raise SchemaError(f"{path or cls.__name__}: {exc}") from exc
 
 
-def load(cls: type[T], data: Any, *, path: str = "") -> T:
+def load(cls: type[T], data: Any, *, path: str = "", ignore_unknown: bool = False) -> T:
     """Validate ``data`` (parsed JSON/TOML) against dataclass ``cls`` and build it.
+
+    ``ignore_unknown`` drops keys the schema does not define, at every nesting level, instead of
+    rejecting them: wire messages use it so newer senders can add fields (forward compatibility).
+    Known keys are still checked as strictly. Configs and model cards keep the default (reject).
 
     Raises:
         SchemaError: with the key path, the offending value and what was expected.
     """
-    return _load_dataclass(path, cls, data)
+    return _load_dataclass(path, cls, data, ignore_unknown)
 
 
 def dump(obj: Any) -> Any:
