@@ -17,13 +17,17 @@ import numpy.typing as npt
 __all__ = [
     "CorruptModelError",
     "InputMismatchError",
+    "InvalidOptionsError",
     "Model",
     "ModelRuntimeError",
     "RuntimeMissingError",
     "RuntimeOptions",
     "TensorSpec",
     "UnknownFormatError",
+    "UnsupportedModelError",
 ]
+
+TFLITE_RUNTIME_CHOICES = ("auto", "ai_edge_litert", "tflite_runtime")
 
 
 class ModelRuntimeError(Exception):
@@ -44,6 +48,14 @@ class RuntimeMissingError(ModelRuntimeError):
 
 class InputMismatchError(ModelRuntimeError):
     """An input's count, shape or dtype does not match the model."""
+
+
+class UnsupportedModelError(ModelRuntimeError):
+    """The model loads but uses something the agent cannot feed (e.g. a non-tensor input)."""
+
+
+class InvalidOptionsError(ModelRuntimeError):
+    """A :class:`RuntimeOptions` value is out of range."""
 
 
 @dataclass(frozen=True)
@@ -70,6 +82,17 @@ class RuntimeOptions:
     onnx_providers: tuple[str, ...] = ("CPUExecutionProvider",)
     tflite_runtime: str = "auto"  # "auto", "ai_edge_litert" or "tflite_runtime"
     extra: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.threads < 0:
+            raise InvalidOptionsError(f"threads: expected 0 (auto) or more, got {self.threads}")
+        if self.tflite_runtime not in TFLITE_RUNTIME_CHOICES:
+            choices = ", ".join(TFLITE_RUNTIME_CHOICES)
+            raise InvalidOptionsError(
+                f"tflite_runtime: expected one of {choices}, got {self.tflite_runtime!r}"
+            )
+        if not self.onnx_providers:
+            raise InvalidOptionsError("onnx_providers: expected at least one provider, got none")
 
 
 class Model(abc.ABC):
@@ -103,3 +126,17 @@ class Model(abc.ABC):
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release native resources (optional)."""
+
+    def __enter__(self) -> Model:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def short_reason(exc: BaseException, limit: int = 200) -> str:
+    """The first line of an exception's message, bounded: runtime errors can be pages long."""
+    text = str(exc).strip()
+    lines = text.splitlines()
+    line = lines[0].strip() if lines else type(exc).__name__
+    return line if len(line) <= limit else line[: limit - 3] + "..."
