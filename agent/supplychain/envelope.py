@@ -213,10 +213,10 @@ class SegmentDecryptor:
         try:
             return int(self._cipher.decrypt_into(nonce, segment, self.header, out))
         except InvalidTag:
-            where = "last " if last else ""
+            role = "final" if last else "non-final"
             raise DecryptionError(
-                f"segment {index}: failed authentication as the {where}segment {index}"
-                " (tampered, reordered, truncated or spliced); expected an intact segment"
+                f"segment {index}: failed authentication as a {role} segment (tampered,"
+                " reordered, truncated or spliced); expected an intact segment"
             ) from None
 
     def decrypt_segment(
