@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives.serialization import load_pem_private_key
 from securesystemslib.signer import CryptoSigner, SSlibKey  # type: ignore[attr-defined]
 
 from agent.atomicio import atomic_write, ensure_private_dir
+from tools.fleetctl import FleetctlError
 
 __all__ = ["KEY_NAME_PATTERN", "KeyStore", "KeyStoreError", "key_file_name"]
 
@@ -33,7 +34,7 @@ _PRIVATE_MODE = 0o600
 _MAX_KEY_FILE_BYTES = 16 * 1024
 
 
-class KeyStoreError(Exception):
+class KeyStoreError(FleetctlError):
     """A key file is missing, unreadable, of the wrong type or too widely readable."""
 
 

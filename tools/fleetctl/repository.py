@@ -63,9 +63,11 @@ from tuf.api.metadata import (  # type: ignore[attr-defined]
     Targets,
     Timestamp,
 )
+from tuf.api.serialization import SerializationError
 from tuf.api.serialization.json import JSONSerializer
 
 from agent.atomicio import atomic_write, ensure_private_dir
+from tools.fleetctl import FleetctlError
 from tools.fleetctl.keys import KeyStore
 
 __all__ = [
@@ -87,13 +89,13 @@ logger = logging.getLogger(__name__)
 
 ROLES = ("root", "targets", "snapshot", "timestamp")
 DEVICE_ID_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
-_TARGET_PATH_PATTERN = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*(/[A-Za-z0-9_][A-Za-z0-9._-]*)*$")
+_TARGET_PATH_PATTERN = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._+-]*(/[A-Za-z0-9_][A-Za-z0-9._+-]*)*$")
 _MAX_TARGET_PATH = 512
 _VERSIONED = re.compile(r"^([1-9][0-9]*)\.(root|targets|snapshot)\.json$")
 _SERIALIZER = JSONSerializer(compact=False)
 
 
-class RepositoryError(Exception):
+class RepositoryError(FleetctlError):
     """A repository operation cannot be done; the message says what was wrong and expected."""
 
 
@@ -147,7 +149,7 @@ def check_target_path(path: str) -> str:
     """Return ``path`` if it is a safe relative target path (no ``..``, no absolute paths)."""
     if len(path) > _MAX_TARGET_PATH or not _TARGET_PATH_PATTERN.match(path):
         raise RepositoryError(
-            f"target path {path!r}: expected a relative path of [A-Za-z0-9._-] segments"
+            f"target path {path!r}: expected a relative path of [A-Za-z0-9._+-] segments"
         )
     return path
 
@@ -295,7 +297,13 @@ class TufRepository:
         for delegator in delegators:
             for signer in self.signers(role, delegator):
                 signers[signer.public_key.keyid] = signer
-        self.sign(md, list(signers.values()))
+        try:
+            self.sign(md, list(signers.values()))
+        except SerializationError as exc:
+            raise RepositoryError(
+                f"{role} v{md.signed.version}: cannot be serialized as canonical JSON; expected"
+                " only strings, integers, booleans, lists and objects (no floats) in custom"
+            ) from exc
         for delegator in delegators:
             try:
                 delegator.verify_delegate(role, md.signed_bytes, md.signatures)

@@ -1,0 +1,193 @@
+"""Devices: enrolment with a provisioning bundle, removal (revocation), and model assignment.
+
+A **provisioning bundle** is a seed of the device's state directory::
+
+    identity/x25519.key, identity/ed25519.key   0600 raw keys (absent with --public-keys)
+    tuf/image/root.json                         bootstrap root of the image repository
+    tuf/director/root.json                      bootstrap root of the director
+    agent.toml                                  [device] id and defaults to edit
+    device.json                                 {"device_id": ..., "public_keys": {...}}
+
+so ``edge-agent update --state BUNDLE --repo HOME/repo`` works on it directly. The bundle holds
+the device's private keys: copy it to the device and delete it.
+
+Assigning seals the model's content key to the device's X25519 key (HPKE, ``info`` bound to the
+device id, target path and ciphertext sha256) and makes it the device's only director target,
+with the image target's length and hashes. Removed devices get an empty director target list and
+no further grants.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from agent.atomicio import atomic_write, ensure_private_dir
+from agent.supplychain.grants import seal_content_key
+from agent.supplychain.identity import DeviceIdentity, DevicePublicKeys
+from agent.supplychain.targets import DirectorTargetCustom
+from tools.fleetctl import FleetctlError
+from tools.fleetctl.home import FleetHome
+from tools.fleetctl.registry import AssignmentRecord, DeviceRecord
+from tools.fleetctl.repository import TargetEntry, check_device_id
+
+__all__ = [
+    "DeviceError",
+    "EnrolResult",
+    "assign_model",
+    "enrol_device",
+    "parse_model_ref",
+    "remove_device",
+]
+
+logger = logging.getLogger(__name__)
+
+_MAX_PUBLIC_KEYS_BYTES = 4096
+
+
+class DeviceError(FleetctlError):
+    """A device cannot be enrolled, removed or assigned as asked."""
+
+
+@dataclass(frozen=True)
+class EnrolResult:
+    """The enrolled device and where its bundle went."""
+
+    device: DeviceRecord
+    bundle: Path
+    has_private_keys: bool
+
+
+def parse_model_ref(ref: str) -> tuple[str, str]:
+    """Split ``NAME@VERSION``."""
+    name, sep, version = ref.partition("@")
+    if not sep or not name or not version or "@" in version:
+        raise DeviceError(f"model {ref!r}: expected NAME@VERSION")
+    return name, version
+
+
+def _agent_toml(device_id: str, mqtt_url: str) -> str:
+    return (
+        "# edge-agent configuration written by `fleetctl device add`; edit [mqtt] and [source].\n"
+        "[device]\n"
+        f'id = "{device_id}"\n'
+        'state_dir = "/var/lib/edge-agent"\n'
+        "\n[mqtt]\n"
+        f"url = {json.dumps(mqtt_url)}\n"
+        "\n[source]\n"
+        'spec = "0"\n'
+    )
+
+
+def _read_public_keys(path: Path) -> DevicePublicKeys:
+    try:
+        text = path.read_bytes()[: _MAX_PUBLIC_KEYS_BYTES + 1]
+    except OSError as exc:
+        raise DeviceError(f"{path}: cannot read public keys ({exc.strerror})") from exc
+    data: Any = text
+    try:
+        parsed = json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        parsed = None
+    if isinstance(parsed, dict) and "public_keys" in parsed:  # a device.json
+        data = json.dumps(parsed["public_keys"])
+    return DevicePublicKeys.from_json(data)
+
+
+def enrol_device(
+    home: FleetHome,
+    device_id: str,
+    *,
+    tags: tuple[str, ...] = (),
+    out_dir: Path | None = None,
+    public_keys_file: Path | None = None,
+    mqtt_url: str = "mqtt://localhost:1883",
+) -> EnrolResult:
+    """Enrol ``device_id``, create its director namespace and write its provisioning bundle."""
+    check_device_id(device_id)
+    for tag in tags:
+        if not tag or len(tag) > 64:
+            raise DeviceError(f"tag {tag!r}: expected 1-64 characters")
+    bundle = out_dir if out_dir is not None else Path.cwd() / f"{device_id}-bundle"
+    if bundle.exists() and any(bundle.iterdir()):
+        raise DeviceError(f"{bundle}: exists and is not empty; expected a new bundle directory")
+    with home.registry() as registry:
+        if registry.find_device(device_id) is not None:
+            raise DeviceError(f"device {device_id!r} exists already; expected a new device id")
+    identity: DeviceIdentity | None = None
+    if public_keys_file is not None:
+        public = _read_public_keys(public_keys_file)
+    else:
+        identity = DeviceIdentity.generate()
+        public = identity.public_keys()
+    image = home.image()
+    director = home.director()
+
+    ensure_private_dir(bundle)
+    if identity is not None:
+        identity.save(bundle / "identity")
+    roots = {
+        "image": image.metadata_path("root"),
+        "director": director.root_chain.metadata_path("root"),
+    }
+    for name, source in roots.items():
+        target_dir = ensure_private_dir(bundle / "tuf" / name)
+        atomic_write(target_dir / "root.json", source.read_bytes(), mode=0o644)
+    atomic_write(bundle / "agent.toml", _agent_toml(device_id, mqtt_url), mode=0o644)
+    device_doc = {"device_id": device_id, "public_keys": public.to_dict()}
+    atomic_write(bundle / "device.json", json.dumps(device_doc, indent=2) + "\n", mode=0o644)
+
+    director.add_device(device_id)
+    with home.registry() as registry:
+        record = registry.add_device(
+            device_id, tags=tags, x25519_public=public.x25519, ed25519_public=public.ed25519
+        )
+    logger.info("enrolled device %s", device_id)
+    return EnrolResult(device=record, bundle=bundle, has_private_keys=identity is not None)
+
+
+def remove_device(home: FleetHome, device_id: str) -> DeviceRecord:
+    """Revoke a device: no further grants, and an empty director target list."""
+    check_device_id(device_id)
+    with home.registry() as registry:
+        record = registry.remove_device(device_id)
+    director = home.director()
+    if director.namespace(device_id).exists():
+        director.assign(device_id, {})
+    logger.info("removed device %s", device_id)
+    return record
+
+
+def assign_model(home: FleetHome, device_id: str, name: str, version: str) -> AssignmentRecord:
+    """Seal a fresh grant of NAME@VERSION for the device and publish its director targets."""
+    check_device_id(device_id)
+    with home.registry() as registry:
+        device = registry.get_device(device_id)
+        if device.removed:
+            raise DeviceError(f"device {device_id!r} is removed; expected an active device")
+        model = registry.get_model(name, version)
+        content_key = registry.content_key(name, version)
+    image_target = home.image().get_target(model.target_path)
+    if image_target is None or image_target.hashes.get("sha256") != model.ciphertext_sha256:
+        raise DeviceError(
+            f"model {name}@{version}: the image repository does not list {model.target_path}"
+            " with the registered ciphertext hash; expected them to agree"
+        )
+    public = DevicePublicKeys(x25519=device.x25519_public, ed25519=device.ed25519_public)
+    grant = seal_content_key(
+        content_key,
+        public.x25519_key(),
+        device_id=device_id,
+        target_path=model.target_path,
+        ciphertext_sha256=model.ciphertext_sha256,
+    )
+    custom = DirectorTargetCustom(device_id=device_id, grant=grant)
+    entry = TargetEntry(image_target.length, dict(image_target.hashes), custom.to_dict())
+    home.director().assign(device_id, {model.target_path: entry})
+    with home.registry() as registry:
+        assignment = registry.assign(device_id, name, version)
+    logger.info("assigned %s@%s to %s", name, version, device_id)
+    return assignment
