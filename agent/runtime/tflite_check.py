@@ -140,7 +140,7 @@ class _Walker:
     def _need(self, pos: int, length: int, what: str) -> None:
         if pos < 0 or length < 0 or pos + length > self.size:
             raise TfliteStructureError(
-                f"{what} at offset {pos} (+{length} bytes) lies outside the {self.size}-byte model"
+                f"{what} at byte {pos} (+{length}) lies outside the {self.size}-byte model"
             )
 
     def u8(self, pos: int) -> int:
@@ -153,12 +153,12 @@ class _Walker:
         return value
 
     def u32(self, pos: int) -> int:
-        self._need(pos, 4, "offset")
+        self._need(pos, 4, "reference")
         value: int = struct.unpack_from("<I", self.data, pos)[0]
         return value
 
     def i32(self, pos: int) -> int:
-        self._need(pos, 4, "offset")
+        self._need(pos, 4, "table header")
         value: int = struct.unpack_from("<i", self.data, pos)[0]
         return value
 

@@ -62,9 +62,14 @@ def test_importing_the_runtime_package_imports_no_native_runtime() -> None:
     assert result.stdout.strip() == "[]"
 
 
+def _uninstall(monkeypatch: pytest.MonkeyPatch, package: str) -> None:
+    # None in sys.modules is how Python marks a module as absent: importing it fails.
+    monkeypatch.setitem(sys.modules, package, None)
+    monkeypatch.setitem(sys.modules, f"{package}.interpreter", None)
+
+
 def test_forcing_a_tflite_runtime_that_is_not_installed(monkeypatch: pytest.MonkeyPatch) -> None:
-    # None in sys.modules is how Python marks a module as absent: "import tflite_runtime" fails.
-    monkeypatch.setitem(sys.modules, "tflite_runtime", None)
+    _uninstall(monkeypatch, "tflite_runtime")
     monkeypatch.setattr(tflite_backend, "_probed", {})
     options = RuntimeOptions(tflite_runtime="tflite_runtime")
     with pytest.raises(RuntimeMissingError) as caught:
@@ -80,8 +85,8 @@ def test_forcing_a_tflite_runtime_that_is_not_installed(monkeypatch: pytest.Monk
 
 
 def test_no_tflite_runtime_at_all(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(sys.modules, "tflite_runtime", None)
-    monkeypatch.setitem(sys.modules, "ai_edge_litert", None)
+    _uninstall(monkeypatch, "tflite_runtime")
+    _uninstall(monkeypatch, "ai_edge_litert")
     monkeypatch.setattr(tflite_backend, "_probed", {})
     with pytest.raises(RuntimeMissingError, match=r"ai_edge_litert is not importable.*; tflite_r"):
         load_model(PROBE_MODEL)
