@@ -2,8 +2,12 @@
 
 Image target ``models/{name}/{version}/model.{format}.enc``::
 
-    custom = {"card": <ModelCard>, "encryption": {"scheme": "stream-chacha20poly1305-v1",
-              "segment_size": 65536, "plaintext_sha256": hex, "plaintext_length": int}}
+    custom = {"card": <ModelCard as JSON text>, "encryption": {"scheme":
+              "stream-chacha20poly1305-v1", "segment_size": 65536, "plaintext_sha256": hex,
+              "plaintext_length": int}}
+
+The card travels as one JSON string (``card_to_json``): TUF signs canonical JSON, which has no
+floats, and real cards hold floats. Loading also accepts the card as an object.
 
 Director target (same path, length and hashes as the image target)::
 
@@ -20,7 +24,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from agent.modelcard import ModelCard, ModelFormat
+from agent.modelcard import ModelCard, ModelFormat, card_from_json, card_to_json
 from agent.schema import SchemaError, dump, field_meta, load
 from agent.supplychain.envelope import MAX_SEGMENT_SIZE, MIN_SEGMENT_SIZE
 from agent.supplychain.errors import GrantError, TargetMetadataError
@@ -142,13 +146,20 @@ class ImageTargetCustom:
 
     @classmethod
     def from_dict(cls, data: Any) -> ImageTargetCustom:
-        """Strictly load; raises :class:`TargetMetadataError`."""
+        """Strictly load (card as JSON text or object); raises :class:`TargetMetadataError`."""
+        if isinstance(data, dict) and isinstance(data.get("card"), str):
+            try:
+                card = card_from_json(data["card"])
+            except SchemaError as exc:
+                raise TargetMetadataError(f"custom.{exc}") from exc
+            data = {**data, "card": card.to_dict()}
         loaded: ImageTargetCustom = _load(cls, data, "custom")
         return loaded
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-compatible data for ``TargetFile.unrecognized_fields['custom']``."""
+        """JSON data for ``TargetFile.unrecognized_fields['custom']`` (card as JSON text)."""
         out: dict[str, Any] = dump(self)
+        out["card"] = card_to_json(self.card)
         return out
 
     def check_path(self, path: str) -> None:
