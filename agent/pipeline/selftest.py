@@ -53,7 +53,7 @@ class _VectorFailure(Exception):
 
 
 def _num(value: float) -> str:
-    return f"{value:.4g}"
+    return f"{value:.6g}"
 
 
 def build_vector_input(vector: SelfTestVector, tensor: TensorSpec) -> npt.NDArray[Any]:
