@@ -4,9 +4,11 @@ Every section is a frozen dataclass loaded with :mod:`agent.schema`: unknown key
 every field carries a one-line description, and a bad file fails with one line naming the key,
 the value and what was expected. Loading is bounded (:data:`MAX_CONFIG_BYTES`).
 
-Credentials (the device's private key, the MQTT client key and certificate, the fleet CA) are
-named relative to a credentials directory. Under systemd, ``LoadCredential=`` puts them in
-``$CREDENTIALS_DIRECTORY``; see :meth:`AgentConfig.credential_path` for the lookup order.
+Credentials (the device identity keys ``x25519.key`` and ``ed25519.key``, the MQTT client key
+and certificate, the fleet CA) live in one credentials directory. Under systemd,
+``LoadCredential=`` puts them in ``$CREDENTIALS_DIRECTORY``; without it they are read from
+``<state_dir>/identity``, the layout of a ``fleetctl device add`` bundle. See
+:meth:`AgentConfig.credentials_dir` for the lookup order.
 
 SIGHUP reloads only the ``[source]``, ``[results]`` and ``[telemetry]`` sections (what the agent
 reads and what it sends); :func:`reload_settings` computes the effective config and lists the
@@ -83,13 +85,9 @@ class DeviceConfig:
     credentials_dir: str | None = field(
         default=None,
         metadata=field_meta(
-            "absolute directory holding the key files; unset: $CREDENTIALS_DIRECTORY, "
-            "else <state_dir>/keys"
+            "absolute directory of the device keys (x25519.key, ed25519.key) and relative MQTT "
+            "TLS files; unset: $CREDENTIALS_DIRECTORY, else <state_dir>/identity"
         ),
-    )
-    sealing_key: str = field(
-        default="device.key",
-        metadata=field_meta("X25519 private key (PEM) that opens model key grants", max_len=255),
     )
 
     def __post_init__(self) -> None:
@@ -318,7 +316,8 @@ class AgentConfig:
         """Where key files are looked up.
 
         Order: ``device.credentials_dir`` when set, else ``$CREDENTIALS_DIRECTORY`` (systemd
-        ``LoadCredential=``), else ``<state_dir>/keys``.
+        ``LoadCredential=``), else ``<state_dir>/identity``. The device identity
+        (``agent.supplychain.identity.DeviceIdentity.load``) is read from this directory.
         """
         if self.device.credentials_dir is not None:
             return Path(self.device.credentials_dir)
@@ -326,7 +325,7 @@ class AgentConfig:
         systemd_dir = env.get("CREDENTIALS_DIRECTORY")
         if systemd_dir:
             return Path(systemd_dir)
-        return Path(self.device.state_dir) / "keys"
+        return Path(self.device.state_dir) / "identity"
 
     def credential_path(self, name: str, environ: Mapping[str, str] | None = None) -> Path:
         """Absolute path of a key file: ``name`` itself if absolute, else in the credentials dir."""

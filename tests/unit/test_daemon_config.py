@@ -130,14 +130,14 @@ def test_load_config_rejects_non_utf8(tmp_path: Path) -> None:
 
 def test_credentials_lookup_order(tmp_path: Path) -> None:
     config = config_from_toml(MINIMAL)
-    assert config.credentials_dir({}) == Path("/var/lib/edge-agent/keys")
+    assert config.credentials_dir({}) == Path("/var/lib/edge-agent/identity")
     systemd = {"CREDENTIALS_DIRECTORY": "/run/credentials/edge-agent.service"}
-    assert config.credential_path("device.key", systemd) == Path(
-        "/run/credentials/edge-agent.service/device.key"
+    assert config.credential_path("x25519.key", systemd) == Path(
+        "/run/credentials/edge-agent.service/x25519.key"
     )
     assert config.credential_path("/etc/ssl/ca.pem", systemd) == Path("/etc/ssl/ca.pem")
     explicit = config_from_toml(MINIMAL.replace("[device]", "[device]\ncredentials_dir = '/k'"))
-    assert explicit.credential_path("device.key", systemd) == Path("/k/device.key")
+    assert explicit.credential_path("x25519.key", systemd) == Path("/k/x25519.key")
 
 
 def test_reload_applies_only_source_and_output_sections() -> None:
