@@ -126,12 +126,12 @@ def _rerecord_vectors(model: Any, card: ModelCard) -> ModelCard:
     return dataclasses.replace(card, selftest=tuple(vectors))
 
 
-def _base_card(model_path: Path, card_path: Path | None, model: Any | None, fmt: str) -> ModelCard:
-    if card_path is not None:
-        return read_card(card_path)
+def _card_beside(model_path: Path) -> Path | None:
     beside = model_path.with_name(model_path.name + ".card.json")
-    if beside.is_file():
-        return read_card(beside)
+    return beside if beside.is_file() else None
+
+
+def _derived_card(model: Model | None, fmt: str) -> ModelCard:
     if model is not None:
         try:
             return derive_card(model)
@@ -181,14 +181,18 @@ def pack_model(
         quantized = quantize_onnx_int8(data, calibration)
         data = quantized.model
 
+    card_file = card_path if card_path is not None else _card_beside(model_path)
+    given_card = read_card(card_file) if card_file is not None else None  # errors before work
     model, missing = _load_runtime_model(data, fmt)
-    card = _base_card(model_path, card_path, model, fmt)
+    card = given_card if given_card is not None else _derived_card(model, fmt)
     if quantized is not None:
         metrics = dict(card.metrics)
         if quantized.int8_accuracy is not None:
             metrics["accuracy"] = round(quantized.int8_accuracy, 6)
         if quantized.float_accuracy is not None:
             metrics["float_accuracy"] = round(quantized.float_accuracy, 6)
+            metrics.pop("test_samples", None)  # described the float model's accuracy
+            metrics["accuracy_samples"] = float(quantized.calibration_samples)
         card = dataclasses.replace(card, quantization=QUANTIZATION_LABEL, metrics=metrics)
         if model is not None:
             card = _rerecord_vectors(model, card)

@@ -134,6 +134,8 @@ def quantize_onnx_int8(model: bytes, calibration: Path) -> QuantizeResult:
         source = Path(scratch) / "float.onnx"
         target = Path(scratch) / "int8.onnx"
         source.write_bytes(model)
+        previous_disable = logging.root.manager.disable
+        logging.disable(logging.WARNING)  # the quantizer's advice goes to the root logger
         try:
             quantize_static(
                 str(source),
@@ -146,6 +148,8 @@ def quantize_onnx_int8(model: bytes, calibration: Path) -> QuantizeResult:
             )
         except Exception as exc:  # the quantizer raises many unrelated exception types
             raise QuantizationError(f"model: onnxruntime quantization failed ({exc})") from exc
+        finally:
+            logging.disable(previous_disable)
         quantized = target.read_bytes()
     float_accuracy = int8_accuracy = None
     if y is not None:
