@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from agent.modelcard import ModelCard, ModelCardError, card_from_json, card_to_json
+from agent.modelcard import ModelCard, ModelCardError, card_from_json
 from agent.pipeline.predictor import derive_card
 from agent.pipeline.selftest import build_vector_input, run_self_test
 from agent.runtime import Model, ModelRuntimeError, RuntimeMissingError, detect_format, load_model
@@ -264,9 +264,7 @@ def image_custom_metadata(custom: ImageTargetCustom) -> dict[str, Any]:
     therefore travels as one string, ``card_to_json(card)``, bounded like any card file; the
     encryption data holds only strings and integers and stays an object.
     """
-    data = custom.to_dict()
-    data["card"] = card_to_json(custom.card)
-    return data
+    return custom.to_dict()  # ImageTargetCustom.to_dict emits the card as card_to_json text
 
 
 def _revalidate(card: ModelCard) -> ModelCard:
