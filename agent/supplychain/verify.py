@@ -151,8 +151,8 @@ def _tuf_errors(what: str) -> Iterator[None]:
     except tuf_exceptions.DownloadLengthMismatchError as exc:
         raise errors.EndlessDataError(f"{what}: {exc}") from exc
     except tuf_exceptions.DownloadError as exc:
-        detail = exc.__cause__ or exc
-        raise errors.FetchError(f"{what}: {exc} ({detail}); expected the file") from exc
+        cause = f" ({exc.__cause__})" if exc.__cause__ is not None else ""
+        raise errors.FetchError(f"{what}: {exc}{cause}; expected the file") from exc
 
 
 class DeviceUpdateClient:
