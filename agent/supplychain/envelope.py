@@ -308,12 +308,18 @@ class _SegmentEncryptor:
         self.segment_size = segment_size
         self._index = 0
 
-    def seal(self, plaintext: bytes | memoryview, *, last: bool) -> bytes:
+    def _next_nonce(self, last: bool) -> bytes:
         if self._index >= MAX_SEGMENTS:
             raise SupplyChainError(f"plaintext: expected at most {MAX_SEGMENTS} segments")
         nonce = self._prefix + _NONCE_SUFFIX.pack(self._index, 1 if last else 0)
         self._index += 1
-        return self._cipher.encrypt(nonce, plaintext, self.header)
+        return nonce
+
+    def seal(self, plaintext: bytes | memoryview, *, last: bool) -> bytes:
+        return self._cipher.encrypt(self._next_nonce(last), plaintext, self.header)
+
+    def seal_into(self, plaintext: memoryview, out: memoryview, *, last: bool) -> None:
+        self._cipher.encrypt_into(self._next_nonce(last), plaintext, self.header, out)
 
 
 def encrypt_bytes(
@@ -326,12 +332,17 @@ def encrypt_bytes(
     """Encrypt ``plaintext`` into a complete envelope (header + segments)."""
     encryptor = _SegmentEncryptor(key, segment_size, nonce_prefix)
     view = memoryview(plaintext)
-    parts = [encryptor.header]
     count = max(1, -(-len(view) // segment_size))
+    sealed = bytearray(HEADER_LENGTH + len(view) + count * TAG_LENGTH)
+    sealed[:HEADER_LENGTH] = encryptor.header
+    out = memoryview(sealed)
+    offset = HEADER_LENGTH
     for index in range(count):
         chunk = view[index * segment_size : (index + 1) * segment_size]
-        parts.append(encryptor.seal(chunk, last=index == count - 1))
-    return b"".join(parts)
+        end = offset + len(chunk) + TAG_LENGTH
+        encryptor.seal_into(chunk, out[offset:end], last=index == count - 1)
+        offset = end
+    return bytes(sealed)
 
 
 def encrypt_file(
