@@ -90,7 +90,7 @@ def load(data: bytes, options: RuntimeOptions) -> OnnxModel:
     Raises:
         RuntimeMissingError: onnxruntime is not installed.
         CorruptModelError: the bytes are not a loadable ONNX model.
-        UnsupportedModelError: inputs or outputs that are not tensors.
+        UnsupportedModelError: an operator or opset the runtime lacks, or non-tensor inputs.
     """
     return OnnxModel(data, options=options)
 
@@ -121,8 +121,13 @@ class OnnxModel(Model):
         try:
             session = ort.InferenceSession(data, sess_options=session_options, providers=providers)
         except Exception as exc:  # onnxruntime's errors share no base class worth naming
+            reason = short_reason(exc)
+            if "NOT_IMPLEMENTED" in reason:
+                raise UnsupportedModelError(
+                    f"onnx model needs something {self.runtime_name} does not have: {reason}"
+                ) from exc
             raise CorruptModelError(
-                f"onnx model could not be loaded by {self.runtime_name}: {short_reason(exc)}"
+                f"onnx model could not be loaded by {self.runtime_name}: {reason}"
             ) from exc
         self._session: Any = session
         self._inputs = tuple(_spec(node) for node in session.get_inputs())

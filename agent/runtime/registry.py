@@ -50,7 +50,8 @@ def load_model(
         UnknownFormatError: the format is neither TFLite nor ONNX.
         RuntimeMissingError: no installed runtime for the format (with the install hint).
         CorruptModelError: the runtime cannot load the bytes.
-        UnsupportedModelError: the model's inputs or outputs cannot be fed by the agent.
+        UnsupportedModelError: the model needs an operator the runtime lacks, or has inputs or
+            outputs the agent cannot feed.
     """
     model_format = format if format is not None else detect_format(data)
     backend = _backend(model_format)

@@ -66,6 +66,9 @@ class TfliteRuntime:
         return f"{self.name} {self.version}"
 
 
+# How TFLite says a sound model uses an operator (or operator version) it does not implement.
+_MISSING_OP_MARKERS = ("Didn't find op for builtin opcode", "unresolved custom op")
+
 _probed: dict[str, TfliteRuntime | str] = {}
 
 
@@ -127,7 +130,8 @@ def load(data: bytes, options: RuntimeOptions) -> TfliteModel:
     Raises:
         RuntimeMissingError: no working TFLite runtime.
         CorruptModelError: the bytes are not a loadable TFLite model.
-        UnsupportedModelError: input/output tensors the agent cannot feed.
+        UnsupportedModelError: an operator (version) the runtime lacks, or input/output tensors
+            the agent cannot feed.
     """
     runtime = select_runtime(options)
     return TfliteModel(data, runtime=runtime, threads=options.threads)
@@ -169,8 +173,13 @@ class TfliteModel(Model):
             )
             interpreter.allocate_tensors()
         except (ValueError, RuntimeError) as exc:
+            reason = short_reason(exc)
+            if any(marker in reason for marker in _MISSING_OP_MARKERS):
+                raise UnsupportedModelError(
+                    f"tflite model needs an operator {runtime.label} does not have: {reason}"
+                ) from exc
             raise CorruptModelError(
-                f"tflite model could not be loaded by {runtime.label}: {short_reason(exc)}"
+                f"tflite model could not be loaded by {runtime.label}: {reason}"
             ) from exc
         # The interpreter may point into the buffer: keep it alive as long as the interpreter.
         self._data = data

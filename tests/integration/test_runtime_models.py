@@ -28,6 +28,7 @@ from agent.runtime import (
     Model,
     ModelRuntimeError,
     RuntimeOptions,
+    UnsupportedModelError,
     available_runtimes,
     detect_format,
     load_model,
@@ -40,6 +41,28 @@ MODELS = Path(__file__).resolve().parents[2] / "tools" / "models"
 DIGITS = ("digits_fp32.onnx", "digits_int8.onnx", "digits_int8.tflite")
 TFLITE_RUNTIMES = ("ai_edge_litert", "tflite_runtime")
 EXPECTED_TFLITE = os.environ.get("EDGE_AGENT_EXPECT_TFLITE", "")
+
+# Two-input models: out = a + b, with the ADD operator at version 1 and at version 999
+# (which no runtime implements).
+ADD_MODEL = bytes.fromhex(
+    "1800000054464c3300000e00140010000c000800000004000e000000fc000000180000000800000003000000"
+    "010000000400000014ffffff01000000100000000c00140010000c00080004000c000000100000002c000000"
+    "300000004c000000010000001000000000000a000c000000080004000a0000001c0000002000000001000000"
+    "0200000002000000000000000100000001000000020000000200000000000000010000000300000050000000"
+    "2400000004000000c8ffffff10000000040000000100000001000000030000006f757400e4ffffff10000000"
+    "04000000010000000100000001000000620000000c000c0008000000000004000c0000001000000004000000"
+    "0100000001000000010000006100000001000000080000000400040004000000"
+)
+ADD_V999_MODEL = bytes.fromhex(
+    "1800000054464c3300000e00140010000c000800000004000e0000000c010000280000000800000003000000"
+    "010000001000000000000a0008000000000004000a000000e703000001000000100000000c00140010000c00"
+    "080004000c000000100000002c000000300000004c000000010000001000000000000a000c00000008000400"
+    "0a0000001c000000200000000100000002000000020000000000000001000000010000000200000002000000"
+    "000000000100000003000000500000002400000004000000c8ffffff10000000040000000100000001000000"
+    "030000006f757400e4ffffff1000000004000000010000000100000001000000620000000c000c0008000000"
+    "000004000c000000100000000400000001000000010000000100000061000000010000000800000004000400"
+    "04000000"
+)
 
 
 @cache
@@ -286,3 +309,17 @@ def test_corrupt_model_bytes_give_errors_never_a_crash(name: str) -> None:
         assert outcome == "loaded" or "\n" not in outcome, label
         if label.startswith("truncated") or label in ("empty", "random"):
             assert outcome != "loaded", label
+
+
+def test_a_model_with_two_inputs_runs() -> None:
+    model = load_model(ADD_MODEL)
+    assert [spec.name for spec in model.inputs] == ["a", "b"]
+    (out,) = model.run([np.array([1.5]), np.array([2.0], dtype=np.float32)])
+    assert out.tolist() == [3.5]
+    with pytest.raises(InputMismatchError, match=r"expected 2 input\(s\) \('a', 'b'\), got 1"):
+        model.run(np.array([1.5], dtype=np.float32))
+
+
+def test_an_operator_version_the_runtime_lacks_is_unsupported_not_corrupt() -> None:
+    with pytest.raises(UnsupportedModelError, match=r"needs an operator .* 'ADD' version '999'"):
+        load_model(ADD_V999_MODEL)
