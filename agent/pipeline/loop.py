@@ -1,0 +1,431 @@
+"""The real-time frame loop: capture thread, inference worker, stage histograms, model swap.
+
+Capture runs in its own thread and hands samples to the worker through a mailbox. In real-time
+mode (the default for live sources) the mailbox has one slot and keeps only the newest sample: a
+newer one replaces an unconsumed one and the replaced one is counted as dropped. Otherwise
+(the default for files, so every frame is processed) capture blocks while the mailbox is full.
+A file read in real-time mode is paced at its frame rate, like a camera.
+
+The worker owns the predictor. For each frame it reads the predictor reference once, under a
+lock, and runs preprocess, infer and postprocess on that one object, so :meth:`FrameLoop.swap`
+takes effect exactly at a frame boundary: no frame is lost and none runs on a half-swapped
+model. ``swap`` returns the old predictor once the worker no longer uses it, so the caller may
+close it.
+
+Per-stage latencies (nanoseconds, :mod:`agent.pipeline.histogram`):
+    ``wait``        sample captured -> taken by the worker (time spent in the mailbox)
+    ``preprocess``, ``invoke``, ``postprocess``  the predictor's three steps
+    ``overhead``    the worker's time per frame outside preprocess and invoke (postprocess,
+                    result delivery, bookkeeping)
+    ``total``       sample captured -> result ready (the result's ``latency_ms``)
+
+A frame whose processing raises is counted in ``inference_errors`` and logged; the loop goes on.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy.typing as npt
+
+from agent.pipeline.histogram import LatencyHistogram
+from agent.pipeline.sources import Sample, Source, SourceError
+
+__all__ = [
+    "STAGES",
+    "FrameLoop",
+    "FramePredictor",
+    "FrameResult",
+    "LoopStats",
+    "ResultSink",
+]
+
+logger = logging.getLogger(__name__)
+
+STAGES = ("wait", "preprocess", "invoke", "postprocess", "overhead", "total")
+_JOIN_SECONDS = 5.0
+
+
+class FramePredictor(Protocol):
+    """What the worker needs from a predictor (``agent.pipeline.predictor.Predictor``)."""
+
+    def preprocess(self, sample: Any) -> Any: ...
+
+    def infer(self, prepared: Any) -> Sequence[npt.NDArray[Any]]: ...
+
+    def postprocess(self, outputs: Any, prepared: Any) -> dict[str, Any]: ...
+
+
+@dataclass(frozen=True)
+class FrameResult:
+    """One processed frame."""
+
+    frame: int  # index of the sample in its source, from 0
+    ts: float  # unix time (seconds) when the sample was captured
+    latency_ms: float  # capture -> result ready
+    payload: dict[str, Any]  # the predictor's JSON-ready output
+
+    def as_dict(self) -> dict[str, Any]:
+        """``frame``, ``ts``, ``latency_ms`` and the payload's keys, for one JSON line."""
+        return {
+            "frame": self.frame,
+            "ts": round(self.ts, 6),
+            "latency_ms": round(self.latency_ms, 3),
+            **self.payload,
+        }
+
+
+ResultSink = Callable[[FrameResult], None]
+
+
+def _stage_histograms() -> dict[str, LatencyHistogram]:
+    lock = threading.Lock()
+    return {stage: LatencyHistogram(lock=lock) for stage in STAGES}
+
+
+@dataclass
+class LoopStats:
+    """Counters and stage histograms of a loop; telemetry reads (and drains) them."""
+
+    frames_in: int = 0
+    results_out: int = 0
+    dropped: int = 0
+    inference_errors: int = 0
+    sink_errors: int = 0
+    swaps: int = 0
+    source_errors: int = 0
+    malformed: int = 0
+    started: float = 0.0  # perf_counter seconds
+    ended: float = 0.0
+    #: one histogram per stage, all sharing one lock so a frame is recorded in one step
+    histograms: dict[str, LatencyHistogram] = field(default_factory=_stage_histograms)
+
+    @property
+    def duration(self) -> float:
+        """Seconds from start to end (or to now while running)."""
+        if not self.started:
+            return 0.0
+        return (self.ended or time.perf_counter()) - self.started
+
+    @property
+    def fps(self) -> float:
+        """Results per second over :attr:`duration`."""
+        duration = self.duration
+        return self.results_out / duration if duration > 0 else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        """Counters, duration, fps and per-stage latency summaries, JSON-ready."""
+        return {
+            "frames": self.results_out,
+            "frames_in": self.frames_in,
+            "duration_s": round(self.duration, 3),
+            "fps": round(self.fps, 2),
+            "dropped": self.dropped,
+            "inference_errors": self.inference_errors,
+            "sink_errors": self.sink_errors,
+            "source_errors": self.source_errors,
+            "malformed": self.malformed,
+            "swaps": self.swaps,
+            "latency": {name: h.summary().as_dict() for name, h in self.histograms.items()},
+        }
+
+
+@dataclass
+class _Captured:
+    index: int
+    captured_ns: int
+    wall: float
+    sample: Sample
+
+
+class _Mailbox:
+    """Capture -> worker handoff: newest-only (drop stale) or blocking with ``depth`` slots."""
+
+    def __init__(self, stats: LoopStats, *, drop_stale: bool, depth: int) -> None:
+        self._stats = stats
+        self._cond = threading.Condition(threading.Lock())
+        self._items: collections.deque[_Captured] = collections.deque()
+        self._drop_stale = drop_stale
+        self._depth = 1 if drop_stale else max(1, depth)
+        self._closed = False
+
+    def put(self, item: _Captured) -> bool:
+        """Hand over ``item``; False once the mailbox is closed."""
+        with self._cond:
+            if self._drop_stale:
+                if self._items:
+                    self._items.clear()
+                    self._stats.dropped += 1
+            else:
+                while len(self._items) >= self._depth and not self._closed:
+                    self._cond.wait()
+            if self._closed:
+                return False
+            self._items.append(item)
+            self._cond.notify()
+            return True
+
+    def take_all(self) -> list[_Captured]:
+        """Every waiting item, oldest first (waits for one); empty when closed and empty."""
+        with self._cond:
+            while not self._items:
+                if self._closed:
+                    return []
+                self._cond.wait()
+            items = list(self._items)
+            self._items.clear()
+            if not self._drop_stale:
+                self._cond.notify()
+            return items
+
+    def close(self, *, discard: bool = False) -> None:
+        """No more items; with ``discard`` pending ones are dropped too."""
+        with self._cond:
+            self._closed = True
+            if discard:
+                self._items.clear()
+            self._cond.notify_all()
+
+
+class FrameLoop:
+    """Runs a predictor over a source: ``start()``, ``wait()``, ``stop()`` (or ``run()``)."""
+
+    def __init__(
+        self,
+        source: Source,
+        predictor: FramePredictor,
+        sink: ResultSink,
+        *,
+        realtime: bool | None = None,
+        max_frames: int | None = None,
+        queue_depth: int = 2,
+    ) -> None:
+        """Args:
+        source: opened by :meth:`start` if it is not yet.
+        predictor: owned by the worker from :meth:`start` on; replace it with :meth:`swap`.
+        sink: called in the worker thread with each result; keep it quick.
+        realtime: drop stale frames; default: True for live sources, False for files.
+        max_frames: stop after this many results.
+        queue_depth: mailbox slots in non-real-time mode.
+        """
+        self.source = source
+        self.sink = sink
+        self.realtime = source.live if realtime is None else realtime
+        self.max_frames = max_frames
+        self._stats = LoopStats()
+        #: why the source ended abnormally (None after a clean end or a stop)
+        self.failure: str | None = None
+        #: the latest frame failure, as ``ExceptionType: message``
+        self.last_error: str | None = None
+        self._predictor = predictor
+        self._active: FramePredictor | None = None
+        self._ref_cond = threading.Condition(threading.Lock())
+        self._swap_waiting = 0
+        self._mailbox = _Mailbox(self._stats, drop_stale=self.realtime, depth=queue_depth)
+        self._stop = threading.Event()
+        self._done = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    @property
+    def stats(self) -> LoopStats:
+        """Counters and histograms (source counters refreshed on each access)."""
+        self._sync_source_counters()
+        return self._stats
+
+    @property
+    def predictor(self) -> FramePredictor:
+        """The predictor the next frame will use."""
+        return self._predictor
+
+    def start(self) -> None:
+        """Open the source if needed and start the capture and worker threads."""
+        if self._threads:
+            raise RuntimeError("FrameLoop.start: expected a loop not started yet")
+        self.source.open()
+        self._stats.started = time.perf_counter()
+        self._threads = [
+            threading.Thread(target=self._capture, name="edge-capture", daemon=True),
+            threading.Thread(target=self._work, name="edge-infer", daemon=True),
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait until the source ended and every frame was processed (or max_frames reached)."""
+        return self._done.wait(timeout)
+
+    def stop(self, timeout: float = _JOIN_SECONDS) -> None:
+        """Stop capture and inference (the frame in progress finishes) and close the source."""
+        self._stop.set()
+        self.source.interrupt()
+        self._mailbox.close(discard=True)
+        deadline = time.monotonic() + timeout
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        if not self._stats.ended:
+            self._stats.ended = time.perf_counter()
+        self._sync_source_counters()
+        if all(not t.is_alive() for t in self._threads):
+            self.source.close()
+        else:
+            logger.warning("%s: capture did not stop within %.1fs", self.source.describe(), timeout)
+
+    def run(self) -> LoopStats:
+        """Start, process until the source ends (or max_frames), stop; returns the stats."""
+        self.start()
+        try:
+            while not self._done.wait(0.5):
+                pass
+        finally:
+            self.stop()
+        return self.stats
+
+    def swap(self, predictor: FramePredictor, *, timeout: float = _JOIN_SECONDS) -> FramePredictor:
+        """Make ``predictor`` run from the next frame on; return the old one once it is idle.
+
+        Raises:
+            TimeoutError: the frame in progress on the old predictor did not finish in time
+                (the swap itself has happened).
+        """
+        deadline = time.monotonic() + timeout
+        with self._ref_cond:
+            old = self._predictor
+            self._predictor = predictor
+            self._stats.swaps += 1
+            self._swap_waiting += 1
+            try:
+                while self._active is old and old is not predictor:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0 or self._done.is_set():
+                        if self._active is old:
+                            raise TimeoutError(
+                                f"swap: old predictor still busy after {timeout:.1f}s"
+                            )
+                        break
+                    self._ref_cond.wait(remaining)
+            finally:
+                self._swap_waiting -= 1
+        return old
+
+    def _sync_source_counters(self) -> None:
+        self._stats.source_errors = self.source.errors
+        self._stats.malformed = self.source.malformed
+
+    def _capture(self) -> None:
+        source, mailbox, stats, stop = self.source, self._mailbox, self._stats, self._stop
+        pace = 1.0 / source.fps if self.realtime and not source.live and source.fps else 0.0
+        limit = None if self.realtime else self.max_frames
+        perf_ns, wall_time = time.perf_counter_ns, time.time
+        index = 0
+        next_due = time.monotonic()
+        try:
+            while not stop.is_set():
+                sample = source.read()
+                if sample is None:
+                    break
+                captured = _Captured(index, perf_ns(), wall_time(), sample)
+                stats.frames_in += 1
+                if not mailbox.put(captured):
+                    break
+                index += 1
+                if limit is not None and index >= limit:
+                    break
+                if pace:
+                    next_due += pace
+                    if stop.wait(max(0.0, next_due - time.monotonic())):
+                        break
+        except SourceError as exc:
+            self.failure = str(exc)
+            logger.error("%s: %s", source.describe(), exc)
+        except Exception as exc:
+            self.failure = f"{source.describe()}: {exc!r}"
+            logger.exception("%s: capture failed", source.describe())
+        finally:
+            mailbox.close()
+
+    def _work(self) -> None:
+        stats, mailbox, ref_cond, stop = self._stats, self._mailbox, self._ref_cond, self._stop
+        hist = stats.histograms
+        histograms = (
+            hist["wait"],
+            hist["preprocess"],
+            hist["invoke"],
+            hist["postprocess"],
+            hist["overhead"],
+            hist["total"],
+        )
+        record_lock = histograms[0].lock
+        perf_ns = time.perf_counter_ns
+        try:
+            while not stop.is_set():
+                batch = mailbox.take_all()
+                if not batch:
+                    break
+                for item in batch:
+                    if stop.is_set():
+                        break
+                    taken = perf_ns()
+                    with ref_cond:
+                        predictor = self._predictor
+                        self._active = predictor
+                    try:
+                        t0 = perf_ns()
+                        prepared = predictor.preprocess(item.sample)
+                        t1 = perf_ns()
+                        outputs = predictor.infer(prepared)
+                        t2 = perf_ns()
+                        payload = predictor.postprocess(outputs, prepared)
+                        t3 = perf_ns()
+                    except Exception as exc:
+                        self._inference_failed(item.index, exc)
+                        continue
+                    finally:
+                        with ref_cond:
+                            self._active = None
+                            if self._swap_waiting:
+                                ref_cond.notify_all()
+                    captured = item.captured_ns
+                    result = FrameResult(item.index, item.wall, (t3 - captured) / 1e6, payload)
+                    try:
+                        self.sink(result)
+                    except Exception:
+                        stats.sink_errors += 1
+                        logger.exception("result sink failed on frame %d", item.index)
+                    stats.results_out += 1
+                    t4 = perf_ns()
+                    values = (
+                        taken - captured,
+                        t1 - t0,
+                        t2 - t1,
+                        t3 - t2,
+                        (t4 - taken) - (t2 - t0),
+                        t3 - captured,
+                    )
+                    with record_lock:
+                        for histogram, value in zip(histograms, values, strict=True):
+                            histogram.add(value)
+                    if self.max_frames is not None and stats.results_out >= self.max_frames:
+                        stop.set()
+                        break
+        finally:
+            self._stats.ended = time.perf_counter()
+            self._sync_source_counters()
+            stop.set()
+            self.source.interrupt()
+            mailbox.close(discard=True)
+            self._done.set()
+
+    def _inference_failed(self, index: int, exc: Exception) -> None:
+        self.last_error = f"{type(exc).__name__}: {exc}"
+        self._stats.inference_errors += 1
+        count = self._stats.inference_errors
+        if count == 1 or count % 1000 == 0:
+            logger.warning("frame %d failed (%d so far)", index, count, exc_info=True)
+        else:
+            logger.debug("frame %d failed", index, exc_info=True)
