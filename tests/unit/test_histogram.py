@@ -63,7 +63,7 @@ def test_empty_histogram() -> None:
     histogram = LatencyHistogram()
     assert histogram.percentile(99) == 0.0
     assert histogram.summary().count == 0
-    with pytest.raises(ValueError, match="0..100"):
+    with pytest.raises(ValueError, match=r"0\.\.100"):
         histogram.percentile(101)
 
 
