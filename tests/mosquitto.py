@@ -77,6 +77,8 @@ class Mosquitto:
             "log_type notice",
             "log_type information",
             "connection_messages true",
+            # As root, mosquitto drops to user "mosquitto", who cannot read pytest's 0700 tmp dirs.
+            *(["user root"] if os.geteuid() == 0 else []),
             *extra_config,
         ]
         self.config_path.write_text("\n".join(lines) + "\n")
@@ -120,7 +122,7 @@ class Mosquitto:
                     self._log_lines.append(line)
                     log.write(line)
                     log.flush()
-                    if " running" in line or f"port {self.port}" in line:
+                    if line.rstrip().endswith(" running"):  # logged once listeners are open
                         ready.set()
             ready.set()  # exited: stop waiting, the check below reports it
 

@@ -246,6 +246,17 @@ class Topics:
             for kind in DEVICE_PUBLISHES
         }
 
+    def device_acl_patterns(
+        self, *, placeholder: str = "%u"
+    ) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """Like :meth:`device_acl` with a broker placeholder for the id (mosquitto: ``%u``)."""
+        if not placeholder or any(c in placeholder for c in "/+#"):
+            raise TopicError(f"ACL placeholder {placeholder!r}: expected no '/', '+' or '#'")
+        return (
+            tuple(f"{self.prefix}/dev/{placeholder}/{k}" for k in DEVICE_PUBLISHES),
+            tuple(f"{self.prefix}/dev/{placeholder}/{k}" for k in DEVICE_SUBSCRIBES),
+        )
+
     def device_acl(self, device_id: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
         """``(writable, readable)`` topics for one device: what broker ACLs must allow, no more."""
         return (

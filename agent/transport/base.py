@@ -147,6 +147,7 @@ class Transport(abc.ABC):
         self._disconnected_listeners: list[DisconnectedListener] = []
         self._stats = TransportStats()
         self._connected_event = threading.Event()
+        self._replayed_event = threading.Event()  # subscriptions re-sent on this connection
 
     # ---- interface -----------------------------------------------------------------------------
 
@@ -260,6 +261,7 @@ class Transport(abc.ABC):
             listeners = list(self._connected_listeners)
         for topic_filter, qos in subscriptions:
             self._send_subscribe(topic_filter, qos)
+        self._replayed_event.set()
         for listener in listeners:
             try:
                 listener(session_present)
@@ -271,6 +273,7 @@ class Transport(abc.ABC):
         with self._lock:
             was_connected = self._connected_event.is_set()
             self._connected_event.clear()
+            self._replayed_event.clear()
             listeners = list(self._disconnected_listeners)
         if not was_connected:
             return

@@ -235,7 +235,7 @@ class MemoryTransport(Transport):
 
     def wait_subscribed(self, timeout: float) -> bool:
         """Subscriptions take effect immediately; waits only for the connection."""
-        return self.wait_connected(timeout)
+        return self._replayed_event.wait(timeout)
 
     def _try_connect(self) -> None:
         if self._want_connection and not self.is_connected and self.broker._connect(self):

@@ -27,6 +27,7 @@ from __future__ import annotations
 import logging
 import ssl
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -175,8 +176,10 @@ class PahoTransport(Transport):
 
     def wait_subscribed(self, timeout: float) -> bool:
         """Wait until connected and every SUBSCRIBE sent has its SUBACK; False on timeout."""
-        if not self.wait_connected(timeout):
+        deadline = time.monotonic() + timeout
+        if not self._replayed_event.wait(timeout):
             return False
+        timeout = max(0.0, deadline - time.monotonic())
         with self._sub_cond:
             return self._sub_cond.wait_for(
                 lambda: self.is_connected and not self._pending_subacks, timeout

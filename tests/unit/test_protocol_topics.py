@@ -96,6 +96,11 @@ def test_device_acl_lists_only_its_own_topics() -> None:
     assert set(writable) == {T.device(k, "d1") for k in DEVICE_PUBLISHES}
     assert set(readable) == {T.notify("d1"), T.repo_response("d1")}
     assert set(DEVICE_SUBSCRIBES) == {"notify", "repo/resp"}
+    write_patterns, read_patterns = T.device_acl_patterns()
+    assert write_patterns == tuple(t.replace("/d1/", "/%u/") for t in writable)
+    assert read_patterns == tuple(t.replace("/d1/", "/%u/") for t in readable)
+    with pytest.raises(TopicError, match="placeholder"):
+        T.device_acl_patterns(placeholder="+")
 
 
 MATCH_TABLE = [
