@@ -46,6 +46,20 @@ def _bucket_bounds(index: int) -> tuple[int, int]:
     return (_SUB + offset % _SUB) << shift, 1 << shift
 
 
+def _order_statistic(counts: list[int], k: int, low: int, high: int) -> float:
+    """Estimate of the k-th smallest record (0-based): records spread evenly in a bucket."""
+    seen = 0
+    for index, n in enumerate(counts):
+        if n and seen + n > k:
+            start, width = _bucket_bounds(index)
+            if width == 1:
+                return float(start)
+            value = start + width * (k - seen + 0.5) / n
+            return float(min(max(value, low), high))
+        seen += n
+    return float(high)
+
+
 @dataclass(frozen=True)
 class HistogramSummary:
     """Count and latency figures of one histogram, in milliseconds."""
@@ -150,19 +164,15 @@ class LatencyHistogram:
             return float(low)
         if q == 100.0:
             return float(high)
-        # Same rank convention as numpy's default ("linear"): rank q/100 * (n - 1), 0-based.
+        # Same convention as numpy's default ("linear"): interpolate between the order
+        # statistics around rank q/100 * (n - 1).
         rank = q / 100.0 * (count - 1)
-        seen = 0
-        for index, n in enumerate(counts):
-            if n and seen + n > rank:
-                start, width = _bucket_bounds(index)
-                if width == 1:
-                    return float(start)
-                # Spread the bucket's records evenly across its width.
-                value = start + width * ((rank - seen) + 0.5) / n
-                return float(min(max(value, low), high))
-            seen += n
-        return float(high)
+        below = int(rank)
+        value = _order_statistic(counts, below, low, high)
+        if rank > below:
+            above = _order_statistic(counts, below + 1, low, high)
+            value += (above - value) * (rank - below)
+        return value
 
     def summary(self) -> HistogramSummary:
         """Count, mean, min, max, p50, p95 and p99 in milliseconds."""

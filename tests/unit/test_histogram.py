@@ -123,3 +123,10 @@ def test_any_percentile_lies_within_the_recorded_range(values: list[int]) -> Non
         low = float(np.percentile(values, 50, method="lower"))
         high = float(np.percentile(values, 50, method="higher"))
         assert low * (1 - TOLERANCE) <= histogram.percentile(50) <= high * (1 + TOLERANCE)
+
+
+def test_few_records_interpolate_like_numpy() -> None:
+    values = np.array([37_000, 148_000, 361_000])
+    histogram = _filled(values)
+    for q in (10, 50, 95, 99):
+        assert histogram.percentile(q) == pytest.approx(np.percentile(values, q), rel=TOLERANCE)
