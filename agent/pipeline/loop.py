@@ -426,6 +426,8 @@ class FrameLoop:
         self._stats.inference_errors += 1
         count = self._stats.inference_errors
         if count == 1 or count % 1000 == 0:
-            logger.warning("frame %d failed (%d so far)", index, count, exc_info=True)
+            logger.warning(
+                "frame %d failed (%d so far): %s", index, count, self.last_error, exc_info=True
+            )
         else:
             logger.debug("frame %d failed", index, exc_info=True)

@@ -153,7 +153,7 @@ def _finite(value: float, channel: str) -> float:
 
 
 def _clip(text: bytes) -> str:
-    shown = text[:60].decode("utf-8", "replace")
+    shown = "".join(c if c.isprintable() else "?" for c in text[:60].decode("utf-8", "replace"))
     return shown + ("..." if len(text) > 60 else "")
 
 

@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 __all__ = [
     "IMAGE_SUFFIXES",
     "SENSOR_SUFFIXES",
+    "VIDEO_SUFFIXES",
     "Backoff",
     "CaptureDevice",
     "ImageFolderSource",
@@ -54,6 +55,7 @@ Sample = npt.NDArray[Any]
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp"})
 SENSOR_SUFFIXES = frozenset({".csv", ".ndjson", ".jsonl"})
+VIDEO_SUFFIXES = frozenset({".avi", ".mp4", ".mkv", ".mov", ".webm", ".mjpg", ".mjpeg", ".ts"})
 _URL_SCHEMES = ("rtsp://", "rtsps://", "http://", "https://")
 _CAMERA_HINT = "pip install 'edge-agent[camera]'"
 # FFmpeg open/read timeouts for network streams, so a dead peer cannot block a read forever.
@@ -469,6 +471,8 @@ def parse_source(
         return ImageFolderSource(path, loop=loop)
     if stat.S_ISFIFO(mode):
         return sensors.fifo_source(path, need_sensor("a FIFO"))
+    if path.suffix.lower() in IMAGE_SUFFIXES | VIDEO_SUFFIXES:
+        need_image("an image or video file")
     if sensor is not None or path.suffix.lower() in SENSOR_SUFFIXES:
         return sensors.file_source(path, need_sensor("a sensor file"), loop=loop)
     return VideoFileSource(path, loop=loop)
