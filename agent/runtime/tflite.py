@@ -172,6 +172,9 @@ class TfliteModel(Model):
                 model_content=data, num_threads=threads if threads > 0 else None
             )
             interpreter.allocate_tensors()
+            # Reading the details decodes tensor names: damaged ones fail here (UnicodeError).
+            input_details = interpreter.get_input_details()
+            output_details = interpreter.get_output_details()
         except (ValueError, RuntimeError) as exc:
             reason = short_reason(exc)
             if any(marker in reason for marker in _MISSING_OP_MARKERS):
@@ -185,8 +188,6 @@ class TfliteModel(Model):
         self._data = data
         self._interpreter: Any = interpreter
         self.runtime_name = runtime.label
-        input_details = interpreter.get_input_details()
-        output_details = interpreter.get_output_details()
         self._input_indices = [int(d["index"]) for d in input_details]
         self._output_indices = [int(d["index"]) for d in output_details]
         self._current_shapes = [tuple(int(x) for x in d["shape"]) for d in input_details]
@@ -221,11 +222,11 @@ class TfliteModel(Model):
             for index, array in zip(self._input_indices, arrays, strict=True):
                 interpreter.set_tensor(index, array)
             interpreter.invoke()
+            outputs = [interpreter.get_tensor(index) for index in self._output_indices]
         except (ValueError, RuntimeError) as exc:
             raise ModelRuntimeError(
                 f"tflite inference failed in {self.runtime_name}: {short_reason(exc)}"
             ) from exc
-        outputs = [interpreter.get_tensor(index) for index in self._output_indices]
         return convert_outputs(self._outputs, outputs)
 
     def close(self) -> None:

@@ -12,6 +12,11 @@ below lies inside the buffer, strings are NUL-terminated, operator codes, buffer
 referenced by in-range indices, and external buffers (``offset``/``size``) lie inside the data.
 Builtin-option tables are checked as tables (vtable and inline fields in bounds); their vector
 fields are checked for the options that have them.
+
+What it does not guarantee: sound values. A structurally valid model with damaged shapes,
+quantization parameters or operator options can still make tflite-runtime 2.14 kernels misbehave
+(fuzzing with random bytes changed mid-file crashed it about once in a few thousand models). Such
+bytes never reach a device's runtime: the supply chain checks the model's hash before loading.
 """
 
 from __future__ import annotations
