@@ -38,6 +38,7 @@ from agent.pipeline.histogram import LatencyHistogram
 from agent.pipeline.sources import Sample, Source, SourceError
 
 __all__ = [
+    "QUEUE_BYTES",
     "STAGES",
     "FrameLoop",
     "FramePredictor",
@@ -50,6 +51,8 @@ logger = logging.getLogger(__name__)
 
 STAGES = ("wait", "preprocess", "invoke", "postprocess", "overhead", "total")
 _JOIN_SECONDS = 5.0
+#: upper bound on the bytes of samples waiting in the mailbox in non-real-time mode
+QUEUE_BYTES = 8 * 1024 * 1024
 
 
 class FramePredictor(Protocol):
@@ -155,6 +158,12 @@ class _Mailbox:
         self._depth = 1 if drop_stale else max(1, depth)
         self._closed = False
 
+    def limit_depth(self, depth: int) -> None:
+        """Lower the number of slots (non-real-time mode), e.g. for large frames."""
+        with self._cond:
+            if not self._drop_stale:
+                self._depth = max(1, min(self._depth, depth))
+
     def put(self, item: _Captured) -> bool:
         """Hand over ``item``; False once the mailbox is closed."""
         with self._cond:
@@ -204,7 +213,7 @@ class FrameLoop:
         *,
         realtime: bool | None = None,
         max_frames: int | None = None,
-        queue_depth: int = 2,
+        queue_depth: int = 32,
     ) -> None:
         """Args:
         source: opened by :meth:`start` if it is not yet.
@@ -212,7 +221,9 @@ class FrameLoop:
         sink: called in the worker thread with each result; keep it quick.
         realtime: drop stale frames; default: True for live sources, False for files.
         max_frames: stop after this many results.
-        queue_depth: mailbox slots in non-real-time mode.
+        queue_depth: mailbox slots in non-real-time mode (fewer for large frames: the
+            queued samples stay within :data:`QUEUE_BYTES`). A deep queue lets capture and
+            inference hand over frames in batches, which costs far less than one by one.
         """
         self.source = source
         self.sink = sink
@@ -330,6 +341,8 @@ class FrameLoop:
                 if sample is None:
                     break
                 captured = _Captured(index, perf_ns(), wall_time(), sample)
+                if index == 0:
+                    mailbox.limit_depth(QUEUE_BYTES // max(1, getattr(sample, "nbytes", 1)))
                 stats.frames_in += 1
                 if not mailbox.put(captured):
                     break
