@@ -9,6 +9,7 @@ content keys are never printed.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import sys
@@ -241,6 +242,15 @@ def _cmd_timestamp_refresh(args: argparse.Namespace) -> int:
     return 0
 
 
+# Command groups that live in their own modules; each has ``register(subparsers)`` that adds its
+# parsers and sets ``func(args) -> int``. Keep heavy imports inside the functions.
+COMMAND_MODULES = (
+    "tools.fleetctl.cli_broker",  # broker config
+    "tools.fleetctl.cli_serve",  # serve, devices, device show, telemetry, watch
+    "tools.fleetctl.cli_rollout",  # deploy, rollout ..., rollback
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The full ``fleetctl`` argument parser."""
     parser = _Parser(
@@ -378,6 +388,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="also re-sign snapshot/targets expiring within this (default 48)",
     )
     refresh.set_defaults(func=_cmd_timestamp_refresh)
+    for module_name in COMMAND_MODULES:
+        importlib.import_module(module_name).register(commands)
     return parser
 
 
