@@ -30,7 +30,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import numpy.typing as npt
 
@@ -65,9 +65,8 @@ class FramePredictor(Protocol):
     def postprocess(self, outputs: Any, prepared: Any) -> dict[str, Any]: ...
 
 
-@dataclass(frozen=True)
-class FrameResult:
-    """One processed frame."""
+class FrameResult(NamedTuple):
+    """One processed frame (a named tuple: cheap to build once per frame)."""
 
     frame: int  # index of the sample in its source, from 0
     ts: float  # unix time (seconds) when the sample was captured
@@ -139,9 +138,8 @@ class LoopStats:
         }
 
 
-@dataclass
-class _Captured:
-    index: int
+class _Captured(NamedTuple):
+    frame: int
     captured_ns: int
     wall: float
     sample: Sample
@@ -396,7 +394,7 @@ class FrameLoop:
                         payload = predictor.postprocess(outputs, prepared)
                         t3 = perf_ns()
                     except Exception as exc:
-                        self._inference_failed(item.index, exc)
+                        self._inference_failed(item.frame, exc)
                         continue
                     finally:
                         with ref_cond:
@@ -404,12 +402,12 @@ class FrameLoop:
                             if self._swap_waiting:
                                 ref_cond.notify_all()
                     captured = item.captured_ns
-                    result = FrameResult(item.index, item.wall, (t3 - captured) / 1e6, payload)
+                    result = FrameResult(item.frame, item.wall, (t3 - captured) / 1e6, payload)
                     try:
                         self.sink(result)
                     except Exception:
                         stats.sink_errors += 1
-                        logger.exception("result sink failed on frame %d", item.index)
+                        logger.exception("result sink failed on frame %d", item.frame)
                     stats.results_out += 1
                     t4 = perf_ns()
                     values = (
