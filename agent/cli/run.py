@@ -289,11 +289,11 @@ def format_summary(stats: LoopStats, source: str) -> str:
         f"frames {stats.results_out} in {stats.duration:.2f} s ({stats.fps:.1f} fps); "
         f"dropped {stats.dropped}; errors: inference {stats.inference_errors}, "
         f"source {stats.source_errors}, malformed lines {stats.malformed}",
-        f"{'latency ms':<12}{'p50':>9}{'p95':>9}{'p99':>9}",
+        f"{'latency ms':<14}{'p50':>9}{'p95':>9}{'p99':>9}",
     ]
     for name, histogram in stats.histograms.items():
         s = histogram.summary()
-        lines.append(f"  {name:<10}{s.p50_ms:>9.3f}{s.p95_ms:>9.3f}{s.p99_ms:>9.3f}")
+        lines.append(f"  {name:<12}{s.p50_ms:>9.3f}{s.p95_ms:>9.3f}{s.p99_ms:>9.3f}")
     return "\n".join(lines)
 
 
