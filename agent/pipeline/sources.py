@@ -15,7 +15,6 @@ OpenCV is optional (the ``camera`` extra) and imported only when a video source 
 from __future__ import annotations
 
 import abc
-import contextlib
 import logging
 import os
 import random
@@ -77,18 +76,24 @@ class SourceDependencyError(SourceError):
 
 def import_cv2() -> Any:
     """Import OpenCV, quietening its own logging; raise a one-line install hint if missing."""
+    global _cv2_quiet  # noqa: PLW0603 - a once-per-process setting
+    if not _cv2_quiet:
+        # OpenCV and its FFmpeg print their own warnings to stderr; ours go through logging.
+        os.environ.setdefault("OPENCV_LOG_LEVEL", "SILENT")  # read when cv2 is first imported
+        os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")  # read on the first capture
     try:
         import cv2  # noqa: PLC0415 - optional dependency, imported on first use
     except ImportError as exc:
         raise SourceDependencyError(
             f"video sources need OpenCV, which is not installed: {_CAMERA_HINT}"
         ) from exc
-    global _cv2_quiet  # noqa: PLW0603 - a once-per-process setting
     if not _cv2_quiet:
-        # OpenCV and its FFmpeg print their own warnings to stderr; ours go through logging.
-        os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")  # read on first capture
-        with contextlib.suppress(AttributeError):  # very old OpenCV builds
-            cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
+        # In case something imported cv2 before us (OpenCV < 4.11 lacks cv2.utils.logging).
+        logging_module = getattr(getattr(cv2, "utils", None), "logging", None)
+        if logging_module is not None:
+            logging_module.setLogLevel(logging_module.LOG_LEVEL_SILENT)
+        elif hasattr(cv2, "setLogLevel"):
+            cv2.setLogLevel(0)
         _cv2_quiet = True
     return cv2
 
