@@ -19,7 +19,7 @@ pytestmark = pytest.mark.inference
 
 EDGE_AGENT = str(Path(sys.executable).parent / "edge-agent")
 TFLITE = MODELS_DIR / "digits_int8.tflite"
-VIBRATION = MODELS_DIR / "vibration_int8.tflite"
+VIBRATION = MODELS_DIR / "vibration_fp32.onnx"  # loads in every supported runtime version
 FRAMES = 40
 
 
