@@ -242,7 +242,10 @@ class _FileStream(_ByteStream):
 
 
 class _FifoStream(_ByteStream):
-    """A named pipe; opened on first read, because opening blocks until a writer comes."""
+    """A named pipe, opened without blocking: until a writer comes, reads just find no data.
+
+    (On Linux a FIFO reports end-of-file only after a writer has connected and gone.)
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -254,25 +257,18 @@ class _FifoStream(_ByteStream):
     def open(self) -> None:
         try:
             mode = self.path.stat().st_mode
+            if not stat.S_ISFIFO(mode):
+                raise SourceOpenError(f"{str(self.path)!r}: expected a FIFO")
+            self._fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK)
         except OSError as exc:
             raise SourceOpenError(f"cannot open FIFO {str(self.path)!r}: {exc}") from None
-        if not stat.S_ISFIFO(mode) or not os.access(self.path, os.R_OK):
-            raise SourceOpenError(f"{str(self.path)!r}: expected a readable FIFO")
 
     def read_chunk(self, interrupted: threading.Event) -> bytes | None:
-        if self._fd is None:
-            fd = os.open(self.path, os.O_RDONLY)
-            if interrupted.is_set():
-                os.close(fd)
-                return b""
-            self._fd = fd
-        return _read_fd(self._fd)
-
-    def interrupt(self) -> None:
-        if self._fd is None:
-            # Release a reader blocked in open() by being, briefly, a writer.
-            with contextlib.suppress(OSError):
-                os.close(os.open(self.path, os.O_WRONLY | os.O_NONBLOCK))
+        assert self._fd is not None
+        try:
+            return _read_fd(self._fd)
+        except BlockingIOError:
+            return None
 
     def close(self) -> None:
         if self._fd is not None:

@@ -142,7 +142,7 @@ def test_fifo_without_a_writer_stops_cleanly(tmp_path: Path) -> None:
 
     loop = FrameLoop(source, Never(), results.append)
     loop.start()
-    loop.stop(timeout=WAIT)  # the capture thread is blocked opening the FIFO
+    loop.stop(timeout=WAIT)  # no writer ever came: the capture thread is polling an empty FIFO
     assert not source.is_open
     assert results == []
 
