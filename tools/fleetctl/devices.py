@@ -5,6 +5,9 @@ A **provisioning bundle** is a seed of the device's state directory::
     identity/x25519.key, identity/ed25519.key   0600 raw keys (absent with --public-keys)
     tuf/image/root.json                         bootstrap root of the image repository
     tuf/director/root.json                      bootstrap root of the director
+    identity/client.crt, client.key, ca.crt     MQTT client certificate (CN = device id, key
+                                                0600) and the fleet CA, once a fleet CA exists
+                                                (``fleetctl broker config``)
     agent.toml                                  [device] id and defaults to edit
     device.json                                 {"device_id": ..., "public_keys": {...}}
 
@@ -31,10 +34,12 @@ from agent.supplychain.identity import DeviceIdentity, DevicePublicKeys
 from agent.supplychain.targets import DirectorTargetCustom
 from tools.fleetctl import FleetctlError
 from tools.fleetctl.home import FleetHome
+from tools.fleetctl.pki import FleetPki
 from tools.fleetctl.registry import AssignmentRecord, DeviceRecord
 from tools.fleetctl.repository import TargetEntry, check_device_id
 
 __all__ = [
+    "DEFAULT_MQTT_URL",
     "DeviceError",
     "EnrolResult",
     "assign_model",
@@ -69,7 +74,12 @@ def parse_model_ref(ref: str) -> tuple[str, str]:
     return name, version
 
 
-def _agent_toml(device_id: str, mqtt_url: str) -> str:
+DEFAULT_MQTT_URL = "mqtt://localhost:1883"
+
+
+def _agent_toml(device_id: str, mqtt_url: str, *, tls_files: bool = False) -> str:
+    # ca/cert/key are relative to the credentials directory (<state_dir>/identity by default).
+    tls = 'ca = "ca.crt"\ncert = "client.crt"\nkey = "client.key"\n' if tls_files else ""
     return (
         "# edge-agent configuration written by `fleetctl device add`; edit [mqtt] and [source].\n"
         "[device]\n"
@@ -77,6 +87,7 @@ def _agent_toml(device_id: str, mqtt_url: str) -> str:
         'state_dir = "/var/lib/edge-agent"\n'
         "\n[mqtt]\n"
         f"url = {json.dumps(mqtt_url)}\n"
+        f"{tls}"
         "\n[source]\n"
         'spec = "0"\n'
     )
@@ -104,9 +115,13 @@ def enrol_device(
     tags: tuple[str, ...] = (),
     out_dir: Path | None = None,
     public_keys_file: Path | None = None,
-    mqtt_url: str = "mqtt://localhost:1883",
+    mqtt_url: str = DEFAULT_MQTT_URL,
 ) -> EnrolResult:
-    """Enrol ``device_id``, create its director namespace and write its provisioning bundle."""
+    """Enrol ``device_id``, create its director namespace and write its provisioning bundle.
+
+    Once a fleet CA exists, the bundle also gets the device's MQTT client certificate, and the
+    default ``mqtt_url`` becomes the TLS broker recorded by ``fleetctl broker config``.
+    """
     check_device_id(device_id)
     for tag in tags:
         if not tag or len(tag) > 64:
@@ -136,7 +151,15 @@ def enrol_device(
     for name, source in roots.items():
         target_dir = ensure_private_dir(bundle / "tuf" / name)
         atomic_write(target_dir / "root.json", source.read_bytes(), mode=0o644)
-    atomic_write(bundle / "agent.toml", _agent_toml(device_id, mqtt_url), mode=0o644)
+    pki = FleetPki(home.root)
+    if pki.exists():
+        identity_dir = ensure_private_dir(bundle / "identity")
+        pki.issue_client(device_id).write(identity_dir / "client.crt", identity_dir / "client.key")
+        atomic_write(identity_dir / "ca.crt", pki.ca_cert_pem(), mode=0o644)
+        if mqtt_url == DEFAULT_MQTT_URL:
+            mqtt_url = pki.broker_url()
+    toml = _agent_toml(device_id, mqtt_url, tls_files=pki.exists())
+    atomic_write(bundle / "agent.toml", toml, mode=0o644)
     device_doc = {"device_id": device_id, "public_keys": public.to_dict()}
     atomic_write(bundle / "device.json", json.dumps(device_doc, indent=2) + "\n", mode=0o644)
 
