@@ -10,7 +10,7 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from agent.modelcard import ImagePreprocess, ModelCard, card_from_json
+from agent.modelcard import ImagePreprocess, ModelCard, SensorPreprocess, card_from_json
 from agent.pipeline.predictor import Predictor, derive_card
 from agent.pipeline.selftest import SelfTestError, run_self_test
 from agent.runtime import Model, load_model
@@ -123,3 +123,24 @@ def test_perturbed_expected_values_fail(name: str) -> None:
     report = run_self_test(load(name), bad)
     assert not report.passed
     assert report.results[0].detail.startswith(f"vector {vector.name!r}: output[0][3] expected ")
+
+
+@pytest.mark.parametrize("name", ["vibration_fp32.onnx", "vibration_int8.tflite"])
+def test_predictor_flags_the_cards_faulty_window_from_raw_readings(name: str) -> None:
+    vib = card(name)
+    sensor = vib.preprocess
+    assert isinstance(sensor, SensorPreprocess) and sensor.layout == "NTC"
+    predictor = Predictor(load(name), vib)
+    verdicts = {}
+    for vector in vib.selftest:
+        # The vectors are normalised model input; undo the card's normalisation to get readings.
+        normalised = np.asarray(vector.input, np.float32).reshape(sensor.window, -1)
+        readings = normalised * np.asarray(sensor.std, np.float32) + np.asarray(
+            sensor.mean, np.float32
+        )
+        prepared = predictor.preprocess(readings)
+        np.testing.assert_allclose(prepared.tensors[0][0], normalised, atol=1e-5)
+        payload = predictor(readings)
+        assert set(payload) == {"score", "anomaly"}
+        verdicts[vector.name] = payload["anomaly"]
+    assert verdicts == {"healthy window": False, "faulty window": True}
