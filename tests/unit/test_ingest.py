@@ -21,7 +21,7 @@ from agent.protocol.messages import (
 from agent.protocol.topics import Topics
 from agent.supplychain.identity import DeviceIdentity
 from agent.supplychain.reports import sign_report
-from agent.transport import MemoryBroker, MemoryTransport
+from agent.transport import MemoryBroker, MemoryTransport, MessageProperties
 from tools.fleetctl.ingest import EnrolledDevices, Ingest, IngestStore
 from tools.fleetctl.registry import Registry
 
@@ -236,13 +236,12 @@ def test_ingest_over_the_memory_transport(fleet: Fleet) -> None:
     fleet.enrol("pi-01")
     broker = MemoryBroker()
     controller = MemoryTransport(broker=broker, client_id="ctl")
-    for kind, topic_filter in TOPICS.controller_filters().items():
-        controller.subscribe(
-            topic_filter,
-            lambda topic, payload, _props: fleet.ingest.handle(topic, payload),
-            qos=1,
-        )
-        del kind
+
+    def handler(topic: str, payload: bytes, _props: MessageProperties) -> None:
+        fleet.ingest.handle(topic, payload)
+
+    for topic_filter in TOPICS.controller_filters().values():
+        controller.subscribe(topic_filter, handler, qos=1)
     device = MemoryTransport(broker=broker, client_id="pi-01")
     device.connect()
     device.publish(TOPICS.state("pi-01"), state(True, BOOT), qos=1, retain=True)

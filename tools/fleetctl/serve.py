@@ -1,0 +1,307 @@
+"""``fleetctl serve``: the long-running controller, wired from its parts.
+
+What runs (each on its own thread, all stopped by :meth:`ControllerService.stop`):
+
+* the embedded MQTT broker (tools.fleetctl.broker) when no broker URL is given;
+* one :class:`~agent.transport.mqtt.PahoTransport` (client id ``fleetctl-<host>-<pid>``);
+* the repository server (tools.fleetctl.reposerver) answering devices' fetch requests;
+* ingest (tools.fleetctl.ingest): the transport's handlers only enqueue, one worker thread
+  validates and writes to SQLite, so the network thread never waits on the database;
+* the rollout engine (tools.fleetctl.rollouts), ticked every :attr:`ServeOptions.tick_s`;
+* timestamp refresh: director timestamps are short-lived, so when one gets within
+  :attr:`ServeOptions.timestamp_margin` of expiry it is re-signed and the device gets a
+  ``Notify``; the image repository's timestamp likewise (no notify: devices read it anyway);
+* ``/metrics`` for Prometheus (tools.fleetctl.metrics), unless the port is 0.
+
+The repository server and the rollout engine are optional in this wiring: when their module is
+not importable the service logs it once and runs without them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import ipaddress
+import logging
+import os
+import queue
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from agent.protocol.messages import Notify, encode
+from agent.protocol.topics import DEFAULT_PREFIX, Topics
+from agent.transport.base import Transport, TransportError
+from tools.fleetctl import FleetctlError
+from tools.fleetctl.home import FleetHome
+from tools.fleetctl.ingest import EnrolledDevices, Ingest, IngestStore
+
+__all__ = ["ControllerService", "ServeError", "ServeOptions", "parse_broker_url", "parse_listen"]
+
+logger = logging.getLogger(__name__)
+
+_INGEST_QUEUE = 10_000
+
+
+class ServeError(FleetctlError):
+    """The controller service cannot start as configured."""
+
+
+@dataclass(frozen=True)
+class BrokerAddress:
+    """Where the controller's MQTT client connects."""
+
+    host: str
+    port: int
+    tls: bool
+
+
+def parse_broker_url(url: str) -> BrokerAddress:
+    """``mqtt://host[:1883]`` or ``mqtts://host[:8883]``."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname or parts.path not in ("", "/"):
+        raise ServeError(f"broker URL {url!r}: expected mqtt://HOST[:PORT] or mqtts://HOST[:PORT]")
+    tls = parts.scheme == "mqtts"
+    try:
+        port = parts.port or (8883 if tls else 1883)
+    except ValueError:
+        raise ServeError(f"broker URL {url!r}: expected a port number 1-65535") from None
+    return BrokerAddress(parts.hostname, port, tls)
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` (port 0 picks a free port)."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise ServeError(f"listen address {text!r}: expected HOST:PORT, e.g. 127.0.0.1:1883")
+    return host.strip("[]"), int(port)
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    """How ``fleetctl serve`` runs."""
+
+    broker_url: str | None = None
+    listen: tuple[str, int] = ("127.0.0.1", 1883)
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = 9108
+    ca_file: Path | None = None
+    client_cert: Path | None = None
+    client_key: Path | None = None
+    prefix: str = DEFAULT_PREFIX
+    results: bool = False
+    tick_s: float = 0.5
+    timestamp_check_s: float = 60.0
+    timestamp_margin: timedelta = timedelta(hours=12)
+    other_roles_margin: timedelta = timedelta(hours=48)
+    connect_timeout_s: float = 30.0
+
+
+def _optional(module_name: str, attribute: str) -> Any:
+    """A class of another controller module, or None (logged) when it is not there."""
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name != module_name:
+            raise
+        logger.warning("%s is not available: running without it", module_name)
+        return None
+    return getattr(module, attribute)
+
+
+class ControllerService:
+    """One running controller; :meth:`start`, then :meth:`run` until stopped, then :meth:`stop`."""
+
+    def __init__(self, home: FleetHome, options: ServeOptions) -> None:
+        home.require()
+        self.home = home
+        self.options = options
+        self.topics = Topics(prefix=options.prefix)
+        self.client_id = f"fleetctl-{socket.gethostname().split('.')[0][:40]}-{os.getpid()}"
+        self.broker: Any = None
+        self.transport: Transport | None = None
+        self.metrics: Any = None
+        self.repository_server: Any = None
+        self.rollout_engine: Any = None
+        self.store = IngestStore.open(home.registry_path)
+        self.ingest = Ingest(
+            self.store, EnrolledDevices.from_registry(home.registry_path), self.topics
+        )
+        self._inbox: queue.Queue[tuple[str, bytes] | None] = queue.Queue(_INGEST_QUEUE)
+        self._ingest_thread = threading.Thread(target=self._ingest_loop, name="ingest", daemon=True)
+        self.inbox_overflows = 0
+        self._next_timestamp_check = 0.0
+
+    # ---- lifecycle -----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start every part; raises :class:`ServeError` if the broker is unreachable."""
+        from agent.transport.mqtt import PahoTransport, TlsFiles  # noqa: PLC0415 - paho
+
+        options = self.options
+        if options.broker_url is None:
+            from tools.fleetctl.broker import EmbeddedBroker  # noqa: PLC0415
+
+            self.broker = EmbeddedBroker(*options.listen)
+            self.broker.start()
+            # A wildcard listen address is not something to connect to: use loopback then.
+            host = options.listen[0]
+            with contextlib.suppress(ValueError):
+                if not host or ipaddress.ip_address(host).is_unspecified:
+                    host = "127.0.0.1"
+            address = BrokerAddress(host, int(self.broker.port), tls=False)
+        else:
+            address = parse_broker_url(options.broker_url)
+        tls = None
+        if address.tls:
+            pki = self.home.root / "pki"
+            tls = TlsFiles(
+                ca_file=options.ca_file or pki / "ca.crt",
+                cert_file=options.client_cert or pki / "fleetctl.crt",
+                key_file=options.client_key or pki / "fleetctl.key",
+            )
+        transport = PahoTransport(
+            host=address.host, port=address.port, client_id=self.client_id, tls=tls
+        )
+        self.transport = transport
+        self._ingest_thread.start()
+        for kind, topic_filter in self.topics.controller_filters().items():
+            if kind == "repo/req" or (kind == "results" and not options.results):
+                continue
+            transport.subscribe(topic_filter, self._enqueue, qos=1)
+        server_class = _optional("tools.fleetctl.reposerver", "RepositoryServer")
+        if server_class is not None:
+            self.repository_server = server_class(self.home, transport, self.topics)
+            start = getattr(self.repository_server, "start", None)
+            if start is not None:
+                start()
+        engine_class = _optional("tools.fleetctl.rollouts", "RolloutEngine")
+        if engine_class is not None:
+            self.rollout_engine = engine_class(self.home, transport, self.topics)
+        transport.connect()
+        if not transport.wait_connected(options.connect_timeout_s):
+            self.stop()
+            raise ServeError(
+                f"broker {address.host}:{address.port} did not accept a connection within"
+                f" {options.connect_timeout_s:.0f} s; expected a reachable MQTT broker"
+            )
+        transport.wait_subscribed(options.connect_timeout_s)
+        if options.metrics_port:
+            from tools.fleetctl.metrics import MetricsServer, fleet_registry  # noqa: PLC0415
+
+            registry = fleet_registry(self.home.registry_path, lambda: self.ingest.counters)
+            self.metrics = MetricsServer(
+                registry, host=options.metrics_host, port=options.metrics_port
+            )
+            try:
+                self.metrics.start()
+            except OSError as exc:
+                self.stop()
+                raise ServeError(
+                    f"metrics port {options.metrics_host}:{options.metrics_port}: cannot listen"
+                    f" ({exc.strerror}); expected a free port or --metrics-port 0"
+                ) from exc
+        logger.info(
+            "controller %s serving %s on %s:%d",
+            self.client_id,
+            self.topics.prefix,
+            address.host,
+            address.port,
+        )
+
+    def run(self, stop: threading.Event) -> None:
+        """Tick the rollout engine and the timestamp refresh until ``stop`` is set."""
+        while not stop.is_set():
+            self.tick()
+            stop.wait(self.options.tick_s)
+
+    def tick(self) -> None:
+        """One round of periodic work (never raises: a failing round is logged)."""
+        if self.rollout_engine is not None:
+            try:
+                self.rollout_engine.tick()
+            except Exception:
+                logger.exception("rollout engine tick failed")
+        now = time.monotonic()
+        if now >= self._next_timestamp_check:
+            self._next_timestamp_check = now + self.options.timestamp_check_s
+            try:
+                self.refresh_timestamps()
+            except (FleetctlError, OSError, ValueError):
+                logger.exception("timestamp refresh failed")
+
+    def stop(self) -> None:
+        """Stop every part (idempotent)."""
+        for part in (self.metrics, self.repository_server):
+            stop = getattr(part, "stop", None)
+            if stop is not None:
+                stop()
+        self.metrics = None
+        if self.transport is not None:
+            self.transport.disconnect()
+            self.transport = None
+        if self._ingest_thread.is_alive():
+            self._inbox.put(None)
+            self._ingest_thread.join(timeout=10)
+        if self.broker is not None:
+            self.broker.stop()
+            self.broker = None
+        self.store.close()
+        logger.info("controller stopped")
+
+    # ---- ingest --------------------------------------------------------------------------------
+
+    def _enqueue(self, topic: str, payload: bytes, _properties: Any) -> None:
+        try:
+            self._inbox.put_nowait((topic, payload))
+        except queue.Full:
+            self.inbox_overflows += 1
+            logger.warning("ingest queue full (%d): dropped a message on %s", _INGEST_QUEUE, topic)
+
+    def _ingest_loop(self) -> None:
+        while True:
+            item = self._inbox.get()
+            if item is None:
+                return
+            try:
+                self.ingest.handle(*item)
+            except Exception:
+                logger.exception("ingest of a message on %s failed", item[0])
+
+    # ---- timestamps ----------------------------------------------------------------------------
+
+    def refresh_timestamps(self) -> list[str]:
+        """Re-sign timestamps close to expiry; notify the devices concerned. Returns their ids."""
+        deadline = self.home.clock() + self.options.timestamp_margin
+        image = self.home.image()
+        if image.timestamp().expires <= deadline:
+            renewed = image.refresh_expiring(self.options.other_roles_margin)
+            logger.info("image repository: re-signed %s", ", ".join(renewed))
+        director = self.home.director()
+        refreshed = []
+        for device_id in director.devices():
+            namespace = director.namespace(device_id)
+            if namespace.timestamp().expires <= deadline:
+                namespace.refresh_expiring(self.options.other_roles_margin)
+                refreshed.append(device_id)
+                self.notify(device_id, reason="timestamp-refreshed")
+        if refreshed:
+            logger.info("re-signed director timestamps of %d device(s)", len(refreshed))
+        return refreshed
+
+    def notify(self, device_id: str, *, reason: str = "director-changed") -> bool:
+        """Nudge a device to refresh now; False if it could not be sent (it refreshes anyway)."""
+        if self.transport is None:
+            return False
+        payload = encode(Notify(ts=time.time(), reason=reason))
+        try:
+            self.transport.publish(self.topics.notify(device_id), payload, qos=1)
+        except TransportError as exc:
+            logger.warning("notify %s not sent: %s", device_id, exc)
+            return False
+        return True
