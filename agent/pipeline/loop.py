@@ -53,6 +53,9 @@ STAGES = ("wait", "preprocess", "invoke", "postprocess", "overhead", "total")
 _JOIN_SECONDS = 5.0
 #: upper bound on the bytes of samples waiting in the mailbox in non-real-time mode
 QUEUE_BYTES = 8 * 1024 * 1024
+_WAKE_BATCH = 8
+_IDLE_WAKE_S = 0.001
+_BATCH_WAIT_S = 0.02
 
 
 class FramePredictor(Protocol):
@@ -155,12 +158,19 @@ class _Mailbox:
         self._drop_stale = drop_stale
         self._depth = 1 if drop_stale else max(1, depth)
         self._closed = False
+        # Without a deadline (non-real-time), wake the worker for a batch rather than for every
+        # sample: each wake-up costs a context switch and a GIL handover. A worker that has been
+        # idle for a while (a slow source) is woken at once, and a partial batch waits at most
+        # _BATCH_WAIT_S.
+        self._idle_since = 0.0
+        self._wake_at = 1 if drop_stale else max(1, min(_WAKE_BATCH, self._depth // 2))
 
     def limit_depth(self, depth: int) -> None:
         """Lower the number of slots (non-real-time mode), e.g. for large frames."""
         with self._cond:
             if not self._drop_stale:
                 self._depth = max(1, min(self._depth, depth))
+                self._wake_at = max(1, min(self._wake_at, self._depth // 2))
 
     def put(self, item: _Captured) -> bool:
         """Hand over ``item``; False once the mailbox is closed."""
@@ -175,7 +185,11 @@ class _Mailbox:
             if self._closed:
                 return False
             self._items.append(item)
-            self._cond.notify()
+            idle = self._idle_since
+            if len(self._items) >= self._wake_at or (
+                idle and time.monotonic() - idle > _IDLE_WAKE_S
+            ):
+                self._cond.notify()
             return True
 
     def take_all(self) -> list[_Captured]:
@@ -184,7 +198,10 @@ class _Mailbox:
             while not self._items:
                 if self._closed:
                     return []
-                self._cond.wait()
+                if not self._idle_since:
+                    self._idle_since = time.monotonic()
+                self._cond.wait(_BATCH_WAIT_S)
+            self._idle_since = 0.0
             items = list(self._items)
             self._items.clear()
             if not self._drop_stale:
