@@ -100,8 +100,7 @@ class PreprocessOverrides:
 def _validated_preprocess(spec: Preprocess) -> Preprocess:
     probe = ModelCard(name="probe", version="0", format="onnx", preprocess=spec)
     loaded = ModelCard.from_dict(probe.to_dict()).preprocess
-    assert loaded is not None
-    return loaded
+    return spec if loaded is None else loaded
 
 
 def _derive_preprocess(tensor: TensorSpec, overrides: PreprocessOverrides) -> Preprocess:
@@ -213,12 +212,13 @@ class Predictor:
             card = dataclasses.replace(card, preprocess=overrides.apply(card.preprocess))
         self.card = card
         tensor = self._input(model)
-        assert card.preprocess is not None
-        self._plan: ImagePlan | SensorPlan = (
-            plan_image(card.preprocess, tensor)
-            if isinstance(card.preprocess, ImagePreprocess)
-            else plan_sensor(card.preprocess, tensor)
-        )
+        self._plan: ImagePlan | SensorPlan
+        if isinstance(card.preprocess, ImagePreprocess):
+            self._plan = plan_image(card.preprocess, tensor)
+        elif isinstance(card.preprocess, SensorPreprocess):
+            self._plan = plan_sensor(card.preprocess, tensor)
+        else:  # every branch above set a preprocess; kept for the type checker
+            raise PredictorError("preprocess: expected an image or sensor spec, got none")
         self._anchors: npt.NDArray[np.float32] | None = None
         post = card.postprocess
         if isinstance(post, DetectionPostprocess):

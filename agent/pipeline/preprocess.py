@@ -19,7 +19,6 @@ cv2 is an optional dependency (the ``camera`` extra), imported inside the functi
 from __future__ import annotations
 
 import functools
-import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -369,8 +368,5 @@ def plan_sensor(spec: SensorPreprocess, tensor: TensorSpec) -> SensorPlan:
             f"input '{tensor.name}': expected shape {want} for a {spec.layout} window of "
             f"{spec.window} x {channels} channels, got {tensor.shape}"
         )
-    scale = 1.0
-    gain, bias = normalisation_constants(scale, spec.mean, spec.std, channels)
-    if not math.isfinite(float(np.abs(gain).max())):
-        raise PreprocessError("preprocess.std: expected finite, non-zero values")
+    gain, bias = normalisation_constants(1.0, spec.mean, spec.std, channels)
     return SensorPlan(tensor, spec.window, channels, spec.layout, gain, bias)
