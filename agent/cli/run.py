@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from agent.pipeline.predictor import Predictor, PreprocessOverrides
     from agent.runtime.base import Model
 
-__all__ = ["register"]
+__all__ = ["ResultPrinter", "describe_payload", "format_summary", "register"]
 
 logger = logging.getLogger(__name__)
 
@@ -242,7 +242,7 @@ def describe_payload(payload: dict[str, Any]) -> str:
     return "outputs " + " ".join(f"{o.get('name')}{o.get('shape')}" for o in outputs)
 
 
-class _ResultPrinter:
+class ResultPrinter:
     """The sink: JSON lines, or a live line (overwritten in place on a terminal)."""
 
     def __init__(self, out: TextIO, *, as_json: bool) -> None:
@@ -339,7 +339,7 @@ def run_command(args: argparse.Namespace) -> int:
         source.open()
     except SourceError as exc:
         raise CliError(str(exc)) from None
-    printer = _ResultPrinter(sys.stdout, as_json=args.json)
+    printer = ResultPrinter(sys.stdout, as_json=args.json)
     loop = FrameLoop(
         source, predictor, printer, realtime=True if args.realtime else None, max_frames=args.frames
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -13,7 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tools.videos import MODELS_DIR, load_digits, write_digits_video
+from agent.cli.run import ResultPrinter, describe_payload
+from agent.pipeline.loop import FrameResult
+from tools.videos import MODELS_DIR, load_digits, write_digits_video, write_face_video
 
 pytestmark = pytest.mark.inference
 
@@ -190,3 +193,52 @@ def test_sensor_csv_without_the_channels(tmp_path: Path) -> None:
         "'ax' (expected columns ax, ay, az)"
     )
     assert json.loads(lines[1])["summary"]["frames"] == 0
+
+
+def test_face_detector_on_a_panning_video(tmp_path: Path) -> None:
+    video = write_face_video(tmp_path / "face.avi", count=4)
+    model = MODELS_DIR / "blazeface_short_range.tflite"
+    done = _run("--model", str(model), "--source", str(video), "--json")
+    assert done.returncode == 0, done.stderr
+    lines = [json.loads(line) for line in done.stdout.splitlines()]
+    assert len(lines) == 4
+    reference = json.loads((MODELS_DIR / "astronaut.json").read_text())["face_box"]
+    best = max(lines[0]["detections"], key=lambda d: d["score"])
+    assert best["label"] == "face"
+    assert _iou(best["box"], reference) > 0.7
+
+
+def _iou(a: list[float], b: list[float]) -> float:
+    width = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    height = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = width * height
+    area = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1])
+    return inter / (area - inter)
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_live_line_is_redrawn_in_place_on_a_terminal() -> None:
+    out = _Terminal()
+    printer = ResultPrinter(out, as_json=False)
+    for frame in range(3):
+        printer(FrameResult(frame, 1.7e9, 1.5, {"score": 0.25, "anomaly": frame == 2}))
+    printer.finish()
+    text = out.getvalue()
+    assert "\n" not in text[:-1]  # one line, redrawn with carriage returns
+    assert text.startswith("\rframe 0  score 0.250 normal  1.5 ms\x1b[K")
+    assert text.endswith("\rframe 2  score 0.250 ANOMALY  1.5 ms\x1b[K\n")
+
+
+def test_payloads_read_well() -> None:
+    assert describe_payload({"top": [{"index": 3, "label": "three", "score": 0.9}]}) == (
+        "top three (0.90)"
+    )
+    detections = {"detections": [{"box": [1, 2, 30, 40], "score": 0.8, "label": "face"}]}
+    assert describe_payload(detections) == "1 detections, best face 0.80 [1,2,30,40]"
+    assert describe_payload({"detections": []}) == "no detections"
+    outputs = {"outputs": [{"name": "logits", "shape": [1, 10], "data": []}]}
+    assert describe_payload(outputs) == "outputs logits[1, 10]"
