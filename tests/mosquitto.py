@@ -9,7 +9,9 @@ Usage::
         with Mosquitto(tmp_path) as mosquitto:
             yield mosquitto
 
-``extra_config`` lines go into ``mosquitto.conf`` under the listener (TLS, ACLs...). Readiness is
+``extra_config`` lines go into ``mosquitto.conf`` under the listener (TLS, ACLs...). To run a
+config written elsewhere (e.g. by ``fleetctl broker config``), pass ``config_file`` and the
+``port`` its listener uses: the file is copied with logging lines appended. Readiness is
 detected from mosquitto's own log line, then confirmed with one TCP connect; nothing sleeps.
 The binary is ``$MOSQUITTO`` or ``/usr/sbin/mosquitto`` (CI: ``apt-get install mosquitto``).
 """
@@ -59,12 +61,17 @@ class Mosquitto:
         extra_config: Iterable[str] = (),
         allow_anonymous: bool = True,
         start_timeout: float = 10.0,
+        config_file: Path | None = None,
+        port: int | None = None,
     ) -> None:
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.port = free_port()
+        if config_file is not None and port is None:
+            raise MosquittoError("config_file given without the port its listener uses")
+        self.port = free_port() if port is None else port
         self.host = "127.0.0.1"
         self.start_timeout = start_timeout
+        extra_config = list(extra_config)
         self.log_path = self.workdir / "mosquitto.log"
         self.config_path = self.workdir / "mosquitto.conf"
         lines = [
@@ -81,6 +88,10 @@ class Mosquitto:
             *(["user root"] if os.geteuid() == 0 else []),
             *extra_config,
         ]
+        if config_file is not None:
+            own = lines[: len(lines) - len(extra_config)]
+            logging_lines = [line for line in own if line.startswith(("log_", "conn", "user"))]
+            lines = [Path(config_file).read_text(), *logging_lines, *extra_config]
         self.config_path.write_text("\n".join(lines) + "\n")
         self._process: subprocess.Popen[bytes] | None = None
         self._log_lines: list[str] = []

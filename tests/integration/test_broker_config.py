@@ -1,0 +1,183 @@
+"""``fleetctl broker config`` against a real mosquitto: the generated config starts, the
+controller certificate reads and writes the whole prefix (shared subscriptions included), and
+clients without a fleet certificate are refused. Device bundles get client certificates."""
+
+from __future__ import annotations
+
+import json
+import queue
+import socket
+import ssl
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography import x509
+
+from agent.daemon.config import config_from_toml
+from agent.protocol.topics import Topics
+from agent.transport import MessageProperties
+from agent.transport.mqtt import PahoTransport, TlsFiles
+from tests.mosquitto import Mosquitto, free_port
+from tools.fleetctl.cli import main as fleetctl
+
+pytestmark = pytest.mark.integration
+
+TIMEOUT = 10.0
+TOPICS = Topics()
+Inbox = queue.Queue[tuple[str, bytes, MessageProperties]]
+# MQTT 3.1.1 CONNECT, client id "x", keepalive 30
+CONNECT_311 = bytes.fromhex("100d00044d5154540402001e000178")
+
+
+@pytest.fixture
+def fleet(tmp_path: Path) -> Iterator[dict[str, Any]]:
+    home, out = tmp_path / "home", tmp_path / "broker"
+    assert fleetctl(["--home", str(home), "init"]) == 0
+    port = free_port()
+    argv = ["--home", str(home), "broker", "config", "--out", str(out), "--port", str(port)]
+    assert fleetctl([*argv, "--json"]) == 0
+    with Mosquitto(tmp_path / "run", config_file=out / "mosquitto.conf", port=port) as broker:
+        yield {"home": home, "out": out, "broker": broker, "port": port}
+
+
+def controller(fleet: dict[str, Any], client_id: str = "fleetctl") -> PahoTransport:
+    out = fleet["out"]
+    tls = TlsFiles(out / "ca.crt", out / "fleetctl.crt", out / "fleetctl.key")
+    return PahoTransport(host="127.0.0.1", port=fleet["port"], client_id=client_id, tls=tls)
+
+
+def inbox_for(t: PahoTransport, topic_filter: str) -> Inbox:
+    inbox: Inbox = queue.Queue()
+    t.subscribe(topic_filter, lambda tp, p, pr: inbox.put((tp, p, pr)), qos=1)
+    return inbox
+
+
+def test_files_and_permissions(fleet: dict[str, Any]) -> None:
+    out, home = fleet["out"], fleet["home"]
+    for key in (home / "pki" / "ca.key", out / "server.key", out / "fleetctl.key"):
+        assert stat.S_IMODE(key.stat().st_mode) == 0o600, key
+    conf = (out / "mosquitto.conf").read_text()
+    for line in (
+        f"listener {fleet['port']}",
+        "require_certificate true",
+        "use_identity_as_username true",
+        "allow_anonymous false",
+        "persistence false",
+        f"acl_file {out / 'acl'}",
+    ):
+        assert f"\n{line}\n" in conf
+    acl = (out / "acl").read_text().splitlines()
+    writable, readable = TOPICS.device_acl_patterns(placeholder="%u")
+    assert [f"pattern write {t}" for t in writable] + [f"pattern read {t}" for t in readable] == [
+        line for line in acl if line.startswith("pattern ")
+    ]
+    server = x509.load_pem_x509_certificate((out / "server.crt").read_bytes())
+    sans = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert sans.get_values_for_type(x509.DNSName) == ["localhost"]
+    assert [str(ip) for ip in sans.get_values_for_type(x509.IPAddress)] == ["127.0.0.1"]
+
+
+def test_running_config_again_keeps_the_ca(fleet: dict[str, Any], capsys: Any) -> None:
+    ca_before = (fleet["home"] / "pki" / "ca.crt").read_bytes()
+    capsys.readouterr()
+    argv = ["--home", str(fleet["home"]), "broker", "config", "--out", str(fleet["out"])]
+    assert fleetctl([*argv, "--host", "broker.example", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["ca_created"] is False and summary["hosts"] == ["broker.example"]
+    assert (fleet["home"] / "pki" / "ca.crt").read_bytes() == ca_before
+    assert fleetctl([*argv, "--host", "bad host!"]) == 2
+
+
+def test_controller_reads_and_writes_the_whole_prefix(fleet: dict[str, Any]) -> None:
+    ctl = controller(fleet)
+    replica = controller(fleet, "fleetctl-replica")  # same certificate, shared subscription
+    everything = inbox_for(ctl, f"{TOPICS.prefix}/#")
+    shared = inbox_for(replica, TOPICS.controller_filters()["telemetry"])
+    ctl.connect()
+    replica.connect()
+    try:
+        assert ctl.wait_subscribed(TIMEOUT) and replica.wait_subscribed(TIMEOUT)
+        for kind in ("state", "telemetry", "notify", "repo/resp"):
+            ctl.publish(TOPICS.device(kind, "pi-07"), kind.encode(), qos=1)
+            assert everything.get(timeout=TIMEOUT)[:2] == (
+                TOPICS.device(kind, "pi-07"),
+                kind.encode(),
+            )
+        assert shared.get(timeout=TIMEOUT)[:2] == (TOPICS.telemetry("pi-07"), b"telemetry")
+        assert shared.empty()
+    finally:
+        replica.disconnect()
+        ctl.disconnect()
+
+
+def tls_connect(port: int, ctx: ssl.SSLContext) -> bytes:
+    """Handshake, send CONNECT and return what the broker answers (b'' or an error: refused)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as raw:
+        try:
+            with ctx.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+                tls.sendall(CONNECT_311)
+                return tls.recv(4)
+        except (ssl.SSLError, ConnectionError):
+            return b""
+
+
+def test_clients_without_a_fleet_certificate_are_refused(
+    fleet: dict[str, Any], tmp_path: Path
+) -> None:
+    out = fleet["out"]
+    ctx = ssl.create_default_context(cafile=str(out / "ca.crt"))
+    assert tls_connect(fleet["port"], ctx) == b""  # no client certificate
+    other_home = tmp_path / "other"
+    assert fleetctl(["--home", str(other_home), "init"]) == 0
+    assert (
+        fleetctl(["--home", str(other_home), "broker", "config", "--out", str(tmp_path / "o")]) == 0
+    )
+    ctx.load_cert_chain(tmp_path / "o" / "fleetctl.crt", tmp_path / "o" / "fleetctl.key")
+    assert tls_connect(fleet["port"], ctx) == b""  # a certificate from another CA
+    good = ssl.create_default_context(cafile=str(out / "ca.crt"))
+    good.load_cert_chain(out / "fleetctl.crt", out / "fleetctl.key")
+    assert tls_connect(fleet["port"], good) == b"\x20\x02\x00\x00"  # CONNACK accepted
+
+
+def test_device_bundle_gets_a_client_certificate(fleet: dict[str, Any], tmp_path: Path) -> None:
+    bundle = tmp_path / "pi-01-bundle"
+    home = str(fleet["home"])
+    assert fleetctl(["--home", home, "device", "add", "pi-01", "--out", str(bundle)]) == 0
+    identity = bundle / "identity"
+    assert stat.S_IMODE((identity / "client.key").stat().st_mode) == 0o600
+    cert = x509.load_pem_x509_certificate((identity / "client.crt").read_bytes())
+    assert cert.subject.rfc4514_string() == "CN=pi-01"
+    ca = x509.load_pem_x509_certificate((identity / "ca.crt").read_bytes())
+    cert.verify_directly_issued_by(ca)
+    config = config_from_toml((bundle / "agent.toml").read_text())
+    assert config.mqtt.url == "mqtts://localhost:8883" or config.mqtt.url.startswith("mqtts://")
+    assert (config.mqtt.ca, config.mqtt.cert, config.mqtt.key) == (
+        "ca.crt",
+        "client.crt",
+        "client.key",
+    )
+    # The device connects with exactly these files.
+    tls = TlsFiles(identity / "ca.crt", identity / "client.crt", identity / "client.key")
+    device = PahoTransport(host="127.0.0.1", port=fleet["port"], client_id="pi-01", tls=tls)
+    ctl = controller(fleet)
+    inbox = inbox_for(ctl, TOPICS.fleet_filter("telemetry"))
+    ctl.connect()
+    device.connect()
+    try:
+        assert ctl.wait_subscribed(TIMEOUT) and device.wait_connected(TIMEOUT)
+        device.publish(TOPICS.telemetry("pi-01"), b"hello", qos=1)
+        assert inbox.get(timeout=TIMEOUT)[:2] == (TOPICS.telemetry("pi-01"), b"hello")
+    finally:
+        device.disconnect()
+        ctl.disconnect()
+
+
+def test_no_ca_no_certificates(tmp_path: Path) -> None:
+    home, bundle = tmp_path / "home", tmp_path / "b"
+    assert fleetctl(["--home", str(home), "init"]) == 0
+    assert fleetctl(["--home", str(home), "device", "add", "pi-02", "--out", str(bundle)]) == 0
+    assert not (bundle / "identity" / "client.crt").exists()
+    assert config_from_toml((bundle / "agent.toml").read_text()).mqtt.url == "mqtt://localhost:1883"
