@@ -16,7 +16,7 @@ from agent import __version__
 __all__ = ["CliError", "main"]
 
 # Sub-command modules, in --help order.
-COMMANDS = ("run", "update", "keygen")
+COMMANDS = ("run", "update", "keygen", "daemon")
 
 
 class CliError(Exception):

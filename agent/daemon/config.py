@@ -27,6 +27,8 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
+from agent.protocol.errors import TopicError
+from agent.protocol.topics import validate_device_id
 from agent.schema import SchemaError, field_meta, load
 
 if sys.version_info >= (3, 11):
@@ -58,8 +60,6 @@ DEFAULT_CONFIG_PATH = "/etc/edge-agent/agent.toml"
 MAX_CONFIG_BYTES = 64 * 1024
 RELOADABLE_SECTIONS = frozenset({"source", "results", "telemetry"})
 
-# A device id is an MQTT topic level and the broker username: no '/', '+', '#', spaces.
-_DEVICE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 _PREFIX = re.compile(r"[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*")
 _MQTT_DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883}
 
@@ -74,8 +74,8 @@ class DeviceConfig:
 
     id: str = field(
         metadata=field_meta(
-            "device id: MQTT topic level and broker username (letters, digits, '_', '.', '-')",
-            max_len=64,
+            "device id: MQTT topic level and broker username ([a-z0-9][a-z0-9_-]{0,62})",
+            max_len=63,
         )
     )
     state_dir: str = field(
@@ -91,11 +91,13 @@ class DeviceConfig:
     )
 
     def __post_init__(self) -> None:
-        if not _DEVICE_ID.fullmatch(self.id):
+        try:
+            validate_device_id(self.id)
+        except TopicError:
             raise ConfigError(
-                f"device.id: expected 1-64 of [A-Za-z0-9_.-] starting with a letter or digit, "
+                f"device.id: expected 1-63 of [a-z0-9_-] starting with a letter or digit, "
                 f"got {self.id!r}"
-            )
+            ) from None
         _require_absolute("device.state_dir", self.state_dir)
         if self.credentials_dir is not None:
             _require_absolute("device.credentials_dir", self.credentials_dir)
@@ -287,6 +289,25 @@ class UpdateConfig:
         default=0.05,
         metadata=field_meta("fraction of failed inferences that rolls back", min=0.0, max=1.0),
     )
+    poll_interval_s: float = field(
+        default=600.0,
+        metadata=field_meta(
+            "seconds between director checks (a Notify from the controller checks at once)",
+            min=1,
+            max=86400,
+        ),
+    )
+    repository_dir: str | None = field(
+        default=None,
+        metadata=field_meta(
+            "absolute path of a repository directory (image/, director/) read instead of the "
+            "controller over MQTT: air-gapped devices and tests; unset: over MQTT"
+        ),
+    )
+
+    def __post_init__(self) -> None:
+        if self.repository_dir is not None:
+            _require_absolute("update.repository_dir", self.repository_dir)
 
 
 @dataclass(frozen=True)
