@@ -12,15 +12,11 @@ What runs (each on its own thread, all stopped by :meth:`ControllerService.stop`
   :attr:`ServeOptions.timestamp_margin` of expiry it is re-signed and the device gets a
   ``Notify``; the image repository's timestamp likewise (no notify: devices read it anyway);
 * ``/metrics`` for Prometheus (tools.fleetctl.metrics), unless the port is 0.
-
-The repository server and the rollout engine are optional in this wiring: when their module is
-not importable the service logs it once and runs without them.
 """
 
 from __future__ import annotations
 
 import contextlib
-import importlib
 import ipaddress
 import logging
 import os
@@ -31,7 +27,7 @@ import time
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from agent.protocol.messages import Notify, encode
@@ -40,6 +36,10 @@ from agent.transport.base import Transport, TransportError
 from tools.fleetctl import FleetctlError
 from tools.fleetctl.home import FleetHome
 from tools.fleetctl.ingest import EnrolledDevices, Ingest, IngestStore
+
+if TYPE_CHECKING:
+    from tools.fleetctl.reposerver import RepositoryServer
+    from tools.fleetctl.rollouts import RolloutEngine
 
 __all__ = ["ControllerService", "ServeError", "ServeOptions", "parse_broker_url", "parse_listen"]
 
@@ -102,18 +102,6 @@ class ServeOptions:
     connect_timeout_s: float = 30.0
 
 
-def _optional(module_name: str, attribute: str) -> Any:
-    """A class of another controller module, or None (logged) when it is not there."""
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        if exc.name != module_name:
-            raise
-        logger.warning("%s is not available: running without it", module_name)
-        return None
-    return getattr(module, attribute)
-
-
 class ControllerService:
     """One running controller; :meth:`start`, then :meth:`run` until stopped, then :meth:`stop`."""
 
@@ -126,8 +114,8 @@ class ControllerService:
         self.broker: Any = None
         self.transport: Transport | None = None
         self.metrics: Any = None
-        self.repository_server: Any = None
-        self.rollout_engine: Any = None
+        self.repository_server: RepositoryServer | None = None
+        self.rollout_engine: RolloutEngine | None = None
         self.store = IngestStore.open(home.registry_path)
         self.ingest = Ingest(
             self.store, EnrolledDevices.from_registry(home.registry_path), self.topics
@@ -174,15 +162,12 @@ class ControllerService:
             if kind == "repo/req" or (kind == "results" and not options.results):
                 continue
             transport.subscribe(topic_filter, self._enqueue, qos=1)
-        server_class = _optional("tools.fleetctl.reposerver", "RepositoryServer")
-        if server_class is not None:
-            self.repository_server = server_class(self.home, transport, self.topics)
-            start = getattr(self.repository_server, "start", None)
-            if start is not None:
-                start()
-        engine_class = _optional("tools.fleetctl.rollouts", "RolloutEngine")
-        if engine_class is not None:
-            self.rollout_engine = engine_class(self.home, transport, self.topics)
+        from tools.fleetctl.reposerver import RepositoryServer  # noqa: PLC0415
+        from tools.fleetctl.rollouts import RolloutEngine  # noqa: PLC0415
+
+        self.repository_server = RepositoryServer(self.home, transport, self.topics)
+        self.repository_server.start()
+        self.rollout_engine = RolloutEngine(self.home, notify=self.notify_director_changed)
         transport.connect()
         if not transport.wait_connected(options.connect_timeout_s):
             self.stop()
@@ -241,7 +226,10 @@ class ControllerService:
             stop = getattr(part, "stop", None)
             if stop is not None:
                 stop()
-        self.metrics = None
+        self.metrics = self.repository_server = None
+        if self.rollout_engine is not None:
+            self.rollout_engine.close()
+            self.rollout_engine = None
         if self.transport is not None:
             self.transport.disconnect()
             self.transport = None
@@ -293,6 +281,10 @@ class ControllerService:
         if refreshed:
             logger.info("re-signed director timestamps of %d device(s)", len(refreshed))
         return refreshed
+
+    def notify_director_changed(self, device_id: str) -> None:
+        """Nudge a device whose director metadata changed (the rollout engine's callback)."""
+        self.notify(device_id)
 
     def notify(self, device_id: str, *, reason: str = "director-changed") -> bool:
         """Nudge a device to refresh now; False if it could not be sent (it refreshes anyway)."""

@@ -8,7 +8,6 @@ into text. Renderers are pure: same data and ``now`` in, same text out.
 
 from __future__ import annotations
 
-import importlib
 import json
 import sqlite3
 from collections.abc import Sequence
@@ -198,31 +197,38 @@ def device_detail(db: sqlite3.Connection, device_id: str, *, events: int = 10) -
     }
 
 
-# The rollout engine (tools.fleetctl.rollouts) owns its tables; ``watch`` asks it for progress
-# through this hook: a function ``rollout_progress_rows(connection) -> Sequence[Mapping]`` whose
-# items carry ``name``, ``state``, ``done``, ``total`` and optionally ``failed``.
-ROLLOUT_PROGRESS_HOOK = ("tools.fleetctl.rollouts", "rollout_progress_rows")
-
-
 def rollout_progress(db: sqlite3.Connection) -> list[RolloutProgress]:
-    """Running rollouts with progress, from the rollout engine's hook (empty if it has none)."""
-    module_name, function_name = ROLLOUT_PROGRESS_HOOK
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError:
+    """Pending, running and paused rollouts (tables of tools.fleetctl.rollouts), oldest first.
+
+    ``done`` counts devices in a final status (succeeded, failed, timed out); ``failed`` the
+    failed and timed-out ones. Empty when no rollout was ever created.
+    """
+    from tools.fleetctl import rollout_plan as plan  # noqa: PLC0415
+
+    exists = db.execute(
+        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'rollout_devices'"
+    ).fetchone()
+    if exists is None:
         return []
-    rows_of = getattr(module, function_name, None)
-    if rows_of is None:
-        return []
+    active = sorted(plan.ACTIVE_STATES)
+    final = sorted(plan.DEVICE_FINAL)
+    failed = [plan.DEVICE_FAILED, plan.DEVICE_TIMED_OUT]
+    rows = db.execute(
+        "SELECT r.id, r.kind, r.model, r.version, r.state, COUNT(d.device_id) AS total,"
+        " SUM(d.status IN (?, ?, ?)) AS done, SUM(d.status IN (?, ?)) AS failed"
+        " FROM rollouts r LEFT JOIN rollout_devices d ON d.rollout_id = r.id"
+        " WHERE r.state IN (?, ?, ?) GROUP BY r.id ORDER BY r.id",
+        (*final, *failed, *active),
+    ).fetchall()
     return [
         RolloutProgress(
-            name=str(r["name"]),
-            state=str(r["state"]),
-            done=int(r["done"]),
+            name=f"{r['id']}:{r['kind']}:{r['model']}@{r['version']}",
+            state=r["state"],
+            done=int(r["done"] or 0),
             total=int(r["total"]),
-            failed=int(r.get("failed", 0)),
+            failed=int(r["failed"] or 0),
         )
-        for r in rows_of(db)
+        for r in rows
     ]
 
 
