@@ -67,11 +67,12 @@ from tuf.api.serialization import SerializationError
 from tuf.api.serialization.json import JSONSerializer
 
 from agent.atomicio import atomic_write, ensure_private_dir
+from agent.protocol.errors import TopicError
+from agent.protocol.topics import validate_device_id
 from tools.fleetctl import FleetctlError
 from tools.fleetctl.keys import KeyStore
 
 __all__ = [
-    "DEVICE_ID_PATTERN",
     "DIRECTOR_EXPIRY",
     "IMAGE_EXPIRY",
     "ROLES",
@@ -88,7 +89,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 ROLES = ("root", "targets", "snapshot", "timestamp")
-DEVICE_ID_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 _TARGET_PATH_PATTERN = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._+-]*(/[A-Za-z0-9_][A-Za-z0-9._+-]*)*$")
 _MAX_TARGET_PATH = 512
 _VERSIONED = re.compile(r"^([1-9][0-9]*)\.(root|targets|snapshot)\.json$")
@@ -137,12 +137,19 @@ class TargetEntry(NamedTuple):
 
 
 def check_device_id(device_id: str) -> str:
-    """Return ``device_id`` if it matches ``[a-z0-9][a-z0-9_-]{0,62}``, else raise."""
-    if not isinstance(device_id, str) or not DEVICE_ID_PATTERN.match(device_id):
-        raise RepositoryError(
-            f"device id {device_id!r}: expected 1-63 of a-z 0-9 _ - (starting with a-z or 0-9)"
-        )
-    return device_id
+    """Return ``device_id`` if valid (the protocol's ``validate_device_id``), else raise."""
+    try:
+        return validate_device_id(device_id)
+    except TopicError as exc:
+        raise RepositoryError(str(exc)) from None
+
+
+def _is_device_id(name: str) -> bool:
+    try:
+        validate_device_id(name)
+    except TopicError:
+        return False
+    return True
 
 
 def check_target_path(path: str) -> str:
@@ -605,7 +612,7 @@ class DirectorRepository:
         return sorted(
             name
             for name in os.listdir(self.base_dir)
-            if DEVICE_ID_PATTERN.match(name) and (self.base_dir / name / "metadata").is_dir()
+            if _is_device_id(name) and (self.base_dir / name / "metadata").is_dir()
         )
 
     def add_device(self, device_id: str) -> TufRepository:
