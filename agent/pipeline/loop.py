@@ -3,8 +3,10 @@
 Capture runs in its own thread and hands samples to the worker through a mailbox. In real-time
 mode (the default for live sources) the mailbox has one slot and keeps only the newest sample: a
 newer one replaces an unconsumed one and the replaced one is counted as dropped. Otherwise
-(the default for files, so every frame is processed) capture blocks while the mailbox is full.
-A file read in real-time mode is paced at its frame rate, like a camera.
+(the default for files, so every frame is processed) the mailbox is a short queue (up to 32
+samples and :data:`QUEUE_BYTES`) that capture blocks on when full, and the worker takes samples
+in batches: one wake-up per batch instead of per frame keeps the two threads from trading the
+GIL on every frame. A file read in real-time mode is paced at its frame rate, like a camera.
 
 The worker owns the predictor. For each frame it reads the predictor reference once, under a
 lock, and runs preprocess, infer and postprocess on that one object, so :meth:`FrameLoop.swap`
