@@ -337,7 +337,7 @@ def test_operator_abort_and_rollback_command(fleet: Fleet) -> None:
     rollout = fleet.store.get(rollout_id)
     assert rollout.state == "aborted" and rollout.abort_reason == "aborted by the operator"
     assert fleet.director_targets("pi-00") == [fleet.targets["1"]]
-    with pytest.raises(RolloutError, match="rollout is aborted"):
+    with pytest.raises(RolloutError, match="is aborted; expected a paused one"):
         fleet.store.request(rollout_id, "resume")
 
     back = fleet.store.create_rollback("digits@2", ["pi-03", "pi-04"], selector="test")

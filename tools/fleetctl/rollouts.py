@@ -303,6 +303,8 @@ class RolloutStore:
         if action not in target_state:
             raise RolloutError(f"action {action!r}: expected pause, resume or abort")
         rollout = self.get(rollout_id)
+        if action == "resume" and rollout.state != plan.PAUSED:
+            raise RolloutError(f"rollout {rollout_id} is {rollout.state}; expected a paused one")
         try:
             plan.check_transition(rollout.state, target_state[action])
         except plan.RolloutPlanError as exc:
@@ -415,6 +417,8 @@ class RolloutEngine:
         else:
             new_state = plan.PAUSED if action == "pause" else plan.RUNNING
             try:
+                if action == "resume" and rollout.state != plan.PAUSED:
+                    raise plan.RolloutPlanError(f"rollout is {rollout.state}, not paused")
                 plan.check_transition(rollout.state, new_state)
             except plan.RolloutPlanError as exc:
                 logger.warning("rollout %d: %s request ignored: %s", rollout.id, action, exc)
