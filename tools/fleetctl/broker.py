@@ -373,6 +373,8 @@ class EmbeddedBroker:
             logger.info("closing MQTT connection of %s: keepalive expired", who)
         except (asyncio.IncompleteReadError, ConnectionError, OSError):
             pass
+        except asyncio.CancelledError:
+            pass  # the broker is stopping; ending normally keeps asyncio's callback quiet
         finally:
             if session is not None:
                 if clean:
