@@ -161,6 +161,7 @@ class _Session:
     wakeup: asyncio.Event = field(default_factory=asyncio.Event)
     next_mid: int = 0
     closed: bool = False
+    last_seen: float = field(default_factory=lambda: asyncio.get_running_loop().time())
 
     def take_mid(self) -> int:
         self.next_mid = self.next_mid % 65535 + 1
@@ -356,10 +357,12 @@ class EmbeddedBroker:
             session, keepalive = self._connect(body, writer)
             if session is None:
                 return
-            timeout = keepalive * 1.5 if keepalive else None
             self._spawn(self._send_loop(session))
+            if keepalive:
+                self._watch_keepalive(session, keepalive * 1.5)
             while True:
-                kind, flags, body = await asyncio.wait_for(self._read_packet(reader), timeout)
+                kind, flags, body = await self._read_packet(reader)
+                session.last_seen = asyncio.get_running_loop().time()
                 if kind == _DISCONNECT:
                     clean = True
                     return
@@ -381,6 +384,18 @@ class EmbeddedBroker:
                     session.will = None
                 self._close(session)
             writer.close()
+
+    def _watch_keepalive(self, session: _Session, limit: float) -> None:
+        # One timer per client instead of a timeout per read: reads stay cheap.
+        loop = asyncio.get_running_loop()
+        idle = loop.time() - session.last_seen
+        if session.closed:
+            return
+        if idle < limit:
+            loop.call_later(limit - idle, self._watch_keepalive, session, limit)
+            return
+        logger.info("closing MQTT connection of %s: keepalive expired", session.client_id)
+        session.writer.close()  # the reader ends; its cleanup publishes the Last Will
 
     async def _read_packet(self, reader: asyncio.StreamReader) -> tuple[int, int, bytes]:
         first = (await reader.readexactly(1))[0]
