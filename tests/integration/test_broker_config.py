@@ -181,3 +181,17 @@ def test_no_ca_no_certificates(tmp_path: Path) -> None:
     assert fleetctl(["--home", str(home), "device", "add", "pi-02", "--out", str(bundle)]) == 0
     assert not (bundle / "identity" / "client.crt").exists()
     assert config_from_toml((bundle / "agent.toml").read_text()).mqtt.url == "mqtt://localhost:1883"
+
+
+def test_issue_a_certificate_for_a_device_enrolled_before_the_ca(tmp_path: Path) -> None:
+    home, out = str(tmp_path / "home"), tmp_path / "cert"
+    assert fleetctl(["--home", home, "init"]) == 0
+    assert fleetctl(["--home", home, "device", "add", "pi-03", "--out", str(tmp_path / "b")]) == 0
+    assert fleetctl(["--home", home, "broker", "issue", "pi-03", "--out", str(out)]) == 2  # no CA
+    assert fleetctl(["--home", home, "broker", "config", "--out", str(tmp_path / "broker")]) == 0
+    assert fleetctl(["--home", home, "broker", "issue", "pi-99", "--out", str(out)]) == 2
+    assert fleetctl(["--home", home, "broker", "issue", "pi-03", "--out", str(out)]) == 0
+    cert = x509.load_pem_x509_certificate((out / "client.crt").read_bytes())
+    cert.verify_directly_issued_by(x509.load_pem_x509_certificate((out / "ca.crt").read_bytes()))
+    assert cert.subject.rfc4514_string() == "CN=pi-03"
+    assert stat.S_IMODE((out / "client.key").stat().st_mode) == 0o600

@@ -6,6 +6,8 @@ certificate CN is the username), ``acl`` (the controller reads/writes the prefix
 its own topics, from :func:`agent.protocol.topics.Topics.device_acl_patterns`), ``ca.crt``,
 ``server.crt``/``server.key`` and the controller's ``fleetctl.crt``/``fleetctl.key`` (keys 0600).
 The controller certificate is also kept in ``HOME/pki`` for ``fleetctl serve --broker mqtts://``.
+``fleetctl broker issue DEVICE --out DIR`` issues a client certificate for a device enrolled
+before the CA existed.
 Registered from ``tools.fleetctl.cli.COMMAND_MODULES``.
 """
 
@@ -183,6 +185,26 @@ def _cmd_broker_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_broker_issue(args: argparse.Namespace) -> int:
+    from agent.atomicio import atomic_write, ensure_private_dir  # noqa: PLC0415
+    from tools.fleetctl.home import FleetHome, default_home  # noqa: PLC0415
+    from tools.fleetctl.pki import FleetPki, PkiError  # noqa: PLC0415
+
+    home = FleetHome(Path(args.home) if args.home else default_home())
+    with home.registry() as registry:
+        device = registry.find_device(args.id)
+    if device is None or device.removed:
+        raise PkiError(f"device {args.id!r}: expected an enrolled, active device")
+    pki = FleetPki(home.root)
+    issued = pki.issue_client(args.id)
+    out = ensure_private_dir(Path(args.out))
+    issued.write(out / "client.crt", out / "client.key")
+    atomic_write(out / "ca.crt", pki.ca_cert_pem(), mode=0o644)
+    print(f"client certificate for {args.id} in {out} (client.crt, client.key 0600, ca.crt)")
+    print(f'  device agent.toml: [mqtt] url = "{pki.broker_url()}", ca/cert/key = those files')
+    return 0
+
+
 def register(commands: Any) -> None:
     """Add ``fleetctl broker config`` to the ``fleetctl`` parser."""
     broker = commands.add_parser("broker", help="MQTT broker setup (mosquitto config, fleet CA)")
@@ -203,3 +225,9 @@ def register(commands: Any) -> None:
     config.add_argument("--prefix", default="edge/v1", help="topic prefix (edge/v1)")
     config.add_argument("--json", action="store_true", help="print a JSON summary")
     config.set_defaults(func=_cmd_broker_config)
+    issue = sub.add_parser(
+        "issue", help="issue a client certificate for an already enrolled device"
+    )
+    issue.add_argument("id", help="device id (the certificate CN)")
+    issue.add_argument("--out", required=True, help="directory for client.crt/.key and ca.crt")
+    issue.set_defaults(func=_cmd_broker_issue)
