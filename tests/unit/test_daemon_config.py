@@ -56,7 +56,7 @@ def test_plain_mqtt_default_port() -> None:
         ),
         (MINIMAL + "[outbox]\nmax_messages = 'many'\n", "outbox.max_messages: expected an integer"),
         (MINIMAL + "[runtime]\nthreads = true\n", "runtime.threads: expected an integer, got True"),
-        (MINIMAL.replace('"cam-01"', '"cam/01"'), "device.id: expected 1-64 of"),
+        (MINIMAL.replace('"cam-01"', '"cam/01"'), "device.id: expected 1-63 of"),
         (MINIMAL.replace('"cam-01"', '"+"'), "device.id: expected"),
         (MINIMAL.replace("mqtts://broker.example.net", "https://x"), "mqtt.url: expected mqtts://"),
         (
