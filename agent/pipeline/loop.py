@@ -106,12 +106,22 @@ class LoopStats:
     inference_errors: int = 0
     sink_errors: int = 0
     swaps: int = 0
-    source_errors: int = 0
-    malformed: int = 0
     started: float = 0.0  # perf_counter seconds
     ended: float = 0.0
     #: one histogram per stage, all sharing one lock so a frame is recorded in one step
     histograms: dict[str, LatencyHistogram] = field(default_factory=_stage_histograms)
+    #: the source whose own counters (errors, malformed lines) are reported live
+    source: Source | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def source_errors(self) -> int:
+        """Failed reads, drops and reconnect attempts of the source so far."""
+        return self.source.errors if self.source is not None else 0
+
+    @property
+    def malformed(self) -> int:
+        """Malformed sensor lines the source skipped so far."""
+        return self.source.malformed if self.source is not None else 0
 
     @property
     def duration(self) -> float:
@@ -246,7 +256,7 @@ class FrameLoop:
         self.sink = sink
         self.realtime = source.live if realtime is None else realtime
         self.max_frames = max_frames
-        self._stats = LoopStats()
+        self._stats = LoopStats(source=source)
         #: why the source ended abnormally (None after a clean end or a stop)
         self.failure: str | None = None
         #: the latest frame failure, as ``ExceptionType: message``
@@ -262,8 +272,7 @@ class FrameLoop:
 
     @property
     def stats(self) -> LoopStats:
-        """Counters and histograms (source counters refreshed on each access)."""
-        self._sync_source_counters()
+        """Counters and histograms, updated live."""
         return self._stats
 
     @property
@@ -298,7 +307,6 @@ class FrameLoop:
             thread.join(max(0.0, deadline - time.monotonic()))
         if not self._stats.ended:
             self._stats.ended = time.perf_counter()
-        self._sync_source_counters()
         if all(not t.is_alive() for t in self._threads):
             self.source.close()
         else:
@@ -340,10 +348,6 @@ class FrameLoop:
             finally:
                 self._swap_waiting -= 1
         return old
-
-    def _sync_source_counters(self) -> None:
-        self._stats.source_errors = self.source.errors
-        self._stats.malformed = self.source.malformed
 
     def _capture(self) -> None:
         source, mailbox, stats, stop = self.source, self._mailbox, self._stats, self._stop
@@ -445,7 +449,6 @@ class FrameLoop:
                         break
         finally:
             self._stats.ended = time.perf_counter()
-            self._sync_source_counters()
             stop.set()
             self.source.interrupt()
             mailbox.close(discard=True)

@@ -256,3 +256,15 @@ def test_stats_as_dict_is_json_ready() -> None:
     assert data["frames"] == 3
     assert set(data["latency"]) == set(STAGES)
     assert data["latency"]["total"]["count"] == 3
+
+
+def test_source_counters_are_read_live() -> None:
+    source = ListSource(3)
+    loop = FrameLoop(source, TagPredictor("a"), lambda r: None)
+    stats = loop.stats
+    source.errors, source.malformed = 2, 7
+    assert (stats.source_errors, stats.malformed) == (2, 7)
+    loop.run()
+    source.errors += 1
+    assert stats.source_errors == 3
+    assert stats.as_dict()["malformed"] == 7
