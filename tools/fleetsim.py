@@ -50,7 +50,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
-ROLLOUT_FINAL_STATES = frozenset({"succeeded", "aborted", "failed", "cancelled"})
+ROLLOUT_FINAL_STATES = frozenset({"succeeded", "aborted"})
 
 
 class FleetSimError(RuntimeError):
