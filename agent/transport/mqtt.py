@@ -25,6 +25,7 @@ Threading: handlers and listeners run on paho's network thread (see agent.transp
 from __future__ import annotations
 
 import logging
+import socket
 import ssl
 import threading
 import time
@@ -272,6 +273,7 @@ class PahoTransport(Transport):
             )
             return
         logger.info("connected to %s:%d (MQTT %s)", self.host, self.port, self.protocol_version)
+        _disable_nagle(client)
         self._backoff.reset()
         self._set_next_delay(client)
         self._handle_connected(bool(flags.session_present))
@@ -347,3 +349,14 @@ class PahoTransport(Transport):
         client = self._client
         if client is not None:
             client.unsubscribe(topic_filter)
+
+
+def _disable_nagle(client: paho.Client) -> None:
+    """Send small packets (requests, PUBACKs) at once instead of after a delayed ACK."""
+    sock = client.socket()
+    if not isinstance(sock, socket.socket):  # TLS sockets are socket.socket subclasses
+        return
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except OSError as exc:
+        logger.debug("TCP_NODELAY not set: %s", exc)
