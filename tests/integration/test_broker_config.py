@@ -195,3 +195,67 @@ def test_issue_a_certificate_for_a_device_enrolled_before_the_ca(tmp_path: Path)
     cert.verify_directly_issued_by(x509.load_pem_x509_certificate((out / "ca.crt").read_bytes()))
     assert cert.subject.rfc4514_string() == "CN=pi-03"
     assert stat.S_IMODE((out / "client.key").stat().st_mode) == 0o600
+
+
+def device_context(bundle: Path, ca: Path) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(cafile=str(ca))
+    ctx.load_cert_chain(bundle / "identity" / "client.crt", bundle / "identity" / "client.key")
+    return ctx
+
+
+def test_removed_device_is_refused_after_the_crl_reaches_mosquitto(
+    fleet: dict[str, Any], tmp_path: Path, capsys: Any
+) -> None:
+    home, out, port = str(fleet["home"]), fleet["out"], fleet["port"]
+    broker: Mosquitto = fleet["broker"]
+    bundles = {d: tmp_path / f"{d}-bundle" for d in ("pi-a", "pi-b")}
+    for device_id, bundle in bundles.items():
+        assert fleetctl(["--home", home, "device", "add", device_id, "--out", str(bundle)]) == 0
+    assert f"crlfile {out / 'crl.pem'}\n" in (out / "mosquitto.conf").read_text()
+    accepted = b"\x20\x02\x00\x00"
+    contexts = {d: device_context(b, out / "ca.crt") for d, b in bundles.items()}
+    assert tls_connect(port, contexts["pi-a"]) == accepted
+    assert tls_connect(port, contexts["pi-b"]) == accepted
+
+    capsys.readouterr()
+    assert fleetctl(["--home", home, "device", "remove", "pi-a"]) == 0
+    assert "restart mosquitto" in capsys.readouterr().out
+    assert (
+        fleetctl(["--home", home, "broker", "config", "--out", str(out), "--port", str(port)]) == 0
+    )
+    crl = x509.load_pem_x509_crl((out / "crl.pem").read_bytes())
+    ca = x509.load_pem_x509_certificate((out / "ca.crt").read_bytes())
+    assert crl.is_signature_valid(ca.public_key())  # type: ignore[arg-type]
+    serial_a = x509.load_pem_x509_certificate(
+        (bundles["pi-a"] / "identity" / "client.crt").read_bytes()
+    ).serial_number
+    assert [entry.serial_number for entry in crl] == [serial_a]
+
+    broker.restart()
+    assert tls_connect(port, contexts["pi-a"]) == b""  # revoked: the handshake fails
+    assert tls_connect(port, contexts["pi-b"]) == accepted
+    assert tls_connect(port, contexts["pi-b"]) == accepted
+
+
+def test_every_certificate_of_a_removed_device_is_revoked(tmp_path: Path) -> None:
+    home = str(tmp_path / "home")
+    assert fleetctl(["--home", home, "init"]) == 0
+    assert fleetctl(["--home", home, "broker", "config", "--out", str(tmp_path / "broker")]) == 0
+    crl_path = tmp_path / "home" / "pki" / "crl.pem"
+    empty = x509.load_pem_x509_crl(crl_path.read_bytes())
+    assert list(empty) == []
+    assert fleetctl(["--home", home, "device", "add", "pi-c", "--out", str(tmp_path / "b")]) == 0
+    reissued = tmp_path / "again"
+    assert fleetctl(["--home", home, "broker", "issue", "pi-c", "--out", str(reissued)]) == 0
+    serials = {
+        x509.load_pem_x509_certificate(path.read_bytes()).serial_number
+        for path in (tmp_path / "b" / "identity" / "client.crt", reissued / "client.crt")
+    }
+    assert fleetctl(["--home", home, "device", "remove", "pi-c"]) == 0
+    crl = x509.load_pem_x509_crl(crl_path.read_bytes())
+    assert {entry.serial_number for entry in crl} == serials
+    number = crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
+    previous = empty.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
+    assert number == previous + 1
+    assert crl.next_update_utc is not None and crl.next_update_utc > crl.last_update_utc
+    assert fleetctl(["--home", home, "broker", "issue", "pi-c", "--out", str(reissued)]) == 2

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tools.fleetctl.registry import SCHEMA_VERSION, Registry, RegistryError
+from tools.fleetctl.registry import MIGRATIONS, SCHEMA_VERSION, Registry, RegistryError
 
 KEY = bytes(range(32))
 
@@ -88,3 +88,42 @@ def test_assignments_keep_history_and_refuse_removed_devices(tmp_path: Path) -> 
             registry.assign("pi-01", "digits", "7")
         assert [d.id for d in registry.list_devices(include_removed=False)] == ["pi-01"]
         assert registry.get_device("pi-01").tags == ("lab",)
+
+
+def test_certificates_are_recorded_and_revoked_with_the_device(tmp_path: Path) -> None:
+    with Registry.open(tmp_path / "r.sqlite", create=True) as registry:
+        _device(registry, "pi-01")
+        _device(registry, "pi-02")
+        serial = (1 << 158) + 5  # serials have up to 159 bits: more than SQLite's integers
+        registry.add_certificate("pi-01", serial)
+        registry.add_certificate("pi-01", 7)
+        registry.add_certificate("pi-02", 9)
+        with pytest.raises(RegistryError, match="recorded already"):
+            registry.add_certificate("pi-02", 7)
+        with pytest.raises(RegistryError, match="not found"):
+            registry.add_certificate("pi-99", 11)
+        assert [c.serial for c in registry.certificates("pi-01")] == [serial, 7]
+        assert registry.revoked_certificates() == []
+        registry.remove_device("pi-01")
+        revoked = registry.revoked_certificates()
+        assert {c.serial for c in revoked} == {serial, 7}
+        assert all(c.revoked_at is not None and c.device_id == "pi-01" for c in revoked)
+        assert registry.certificates("pi-02")[0].revoked_at is None
+        with pytest.raises(RegistryError, match="removed"):
+            registry.add_certificate("pi-01", 13)
+
+
+def test_a_version_1_registry_gains_the_certificate_table(tmp_path: Path) -> None:
+    path = tmp_path / "r.sqlite"
+    with sqlite3.connect(path) as raw:
+        raw.executescript(MIGRATIONS[0])
+        raw.execute("PRAGMA user_version = 1")
+        raw.execute(
+            "INSERT INTO devices (id, x25519_public, ed25519_public, enrolled_at)"
+            " VALUES ('old', 'x', 'e', '2026-01-01T00:00:00+00:00')"
+        )
+    with Registry.open(path) as registry:
+        assert registry.schema_version() == SCHEMA_VERSION == 2
+        registry.add_certificate("old", 42)
+        registry.remove_device("old")
+        assert [c.serial for c in registry.revoked_certificates()] == [42]

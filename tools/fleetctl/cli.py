@@ -204,9 +204,18 @@ def _cmd_device_list(args: argparse.Namespace) -> int:
 
 def _cmd_device_remove(args: argparse.Namespace) -> int:
     from tools.fleetctl.devices import remove_device  # noqa: PLC0415
+    from tools.fleetctl.pki import FleetPki  # noqa: PLC0415
 
-    remove_device(_home(args), args.id)
+    home = _home(args)
+    remove_device(home, args.id)
     print(f"removed {args.id}: no further grants; its director targets are now empty")
+    pki = FleetPki(home.root)
+    if pki.exists():
+        print(
+            f"  its client certificates are revoked in {pki.crl_path}: run `fleetctl broker"
+            " config` again (or copy crl.pem to the broker) and restart mosquitto (SIGHUP"
+            " refuses its new connections but keeps an open one)"
+        )
     return 0
 
 
@@ -349,7 +358,9 @@ def build_parser() -> argparse.ArgumentParser:
     dlist = device_cmds.add_parser("list", help="list devices and what they run")
     dlist.add_argument("--json", action="store_true", help="machine-readable output")
     dlist.set_defaults(func=_cmd_device_list)
-    drm = device_cmds.add_parser("remove", help="revoke a device (no further grants)")
+    drm = device_cmds.add_parser(
+        "remove", help="revoke a device (no further grants; its certificates go into the CRL)"
+    )
     drm.add_argument("id")
     drm.set_defaults(func=_cmd_device_remove)
 

@@ -4,7 +4,12 @@ Creates the fleet CA in the home once (:class:`tools.fleetctl.pki.FleetPki`), th
 ``--out DIR``: ``mosquitto.conf`` (one TLS listener, client certificates required, the
 certificate CN is the username), ``acl`` (the controller reads/writes the prefix; each device only
 its own topics, from :func:`agent.protocol.topics.Topics.device_acl_patterns`), ``ca.crt``,
-``server.crt``/``server.key`` and the controller's ``fleetctl.crt``/``fleetctl.key`` (keys 0600).
+``server.crt``/``server.key``, the controller's ``fleetctl.crt``/``fleetctl.key`` (keys 0600) and
+``crl.pem``, the fleet CRL (client certificates of removed devices, regenerated from the registry
+on every run; mosquitto's ``crlfile``). After ``fleetctl device remove``, run ``broker config``
+again (or copy ``HOME/pki/crl.pem``) and reload mosquitto: SIGHUP re-reads ``crlfile`` (2.0 loads
+it with the server certificate), so new handshakes with a revoked certificate fail, but a device
+connected at that moment keeps its session until it reconnects; a restart cuts it at once.
 The controller certificate is also kept in ``HOME/pki`` for ``fleetctl serve --broker mqtts://``.
 ``fleetctl broker issue DEVICE --out DIR`` issues a client certificate for a device enrolled
 before the CA existed.
@@ -89,6 +94,11 @@ def mosquitto_conf_text(directory: Path, port: int) -> str:
 # acl_file                       who may read/write which topic (see that file)
 # listener {port}                  MQTT over TLS on every interface (add an address to restrict)
 # cafile                         the fleet CA: client certificates must be signed by it
+# crlfile                        revoked client certificates (removed devices). After a
+#                                removal: SIGHUP refuses new connections of the device, a
+#                                restart also drops its open one. Regenerate it (fleetctl
+#                                broker config) within a year: an expired CRL makes mosquitto
+#                                refuse every client
 # certfile / keyfile             the broker's certificate (SAN: the --host names) and key
 # require_certificate true       mutual TLS: no client certificate, no connection
 # use_identity_as_username true  the certificate CN (device id, or "fleetctl") is the username
@@ -108,6 +118,7 @@ acl_file {d / "acl"}
 
 listener {port}
 cafile {d / "ca.crt"}
+crlfile {d / "crl.pem"}
 certfile {d / "server.crt"}
 keyfile {d / "server.key"}
 require_certificate true
@@ -128,6 +139,8 @@ def write_broker_config(
     from agent.atomicio import atomic_write, ensure_private_dir  # noqa: PLC0415
     from agent.protocol.errors import TopicError  # noqa: PLC0415
     from agent.protocol.topics import Topics  # noqa: PLC0415
+    from tools.fleetctl.devices import write_revocation_list  # noqa: PLC0415
+    from tools.fleetctl.home import FleetHome  # noqa: PLC0415
     from tools.fleetctl.pki import CONTROLLER_USER, FleetPki, PkiError  # noqa: PLC0415
 
     if not 1 <= port <= 65535:
@@ -142,6 +155,11 @@ def write_broker_config(
     server = pki.issue_server(hosts)  # validates the names before anything lands in out_dir
     pki.ensure_controller_cert()
     pki.save_broker_info(hosts, port)
+    home = FleetHome(home_root)
+    if home.registry_path.is_file():
+        write_revocation_list(home)
+    else:  # no registry, no device certificates: an empty CRL
+        pki.write_crl([])
     out = ensure_private_dir(out_dir.resolve())
     files = {
         "config": out / "mosquitto.conf",
@@ -151,11 +169,13 @@ def write_broker_config(
         "server_key": out / "server.key",
         "controller_cert": out / f"{CONTROLLER_USER}.crt",
         "controller_key": out / f"{CONTROLLER_USER}.key",
+        "crl": out / "crl.pem",
     }
     atomic_write(files["ca"], pki.ca_cert_pem(), mode=0o644)
     server.write(files["server_cert"], files["server_key"])
     atomic_write(files["controller_cert"], pki.controller_cert_path.read_bytes(), mode=0o644)
     atomic_write(files["controller_key"], pki.controller_key_path.read_bytes(), mode=0o600)
+    atomic_write(files["crl"], pki.crl_path.read_bytes(), mode=0o644)
     atomic_write(files["acl"], acl_file_text(prefix, CONTROLLER_USER), mode=0o644)
     atomic_write(files["config"], mosquitto_conf_text(out, port), mode=0o644)
     return BrokerConfigResult(out, created, tuple(hosts), port, files)
@@ -182,21 +202,22 @@ def _cmd_broker_config(args: argparse.Namespace) -> int:
     print(f"  run: mosquitto -c {result.files['config']}   (TLS on port {result.port})")
     print(f"  server certificate for: {', '.join(result.hosts)}")
     print("  `fleetctl device add` now issues client certificates into device bundles")
+    print(
+        "  after `fleetctl device remove`: run this again (or copy crl.pem), then restart"
+        " mosquitto (SIGHUP refuses new connections only)"
+    )
     return 0
 
 
 def _cmd_broker_issue(args: argparse.Namespace) -> int:
     from agent.atomicio import atomic_write, ensure_private_dir  # noqa: PLC0415
+    from tools.fleetctl.devices import issue_device_certificate  # noqa: PLC0415
     from tools.fleetctl.home import FleetHome, default_home  # noqa: PLC0415
-    from tools.fleetctl.pki import FleetPki, PkiError  # noqa: PLC0415
+    from tools.fleetctl.pki import FleetPki  # noqa: PLC0415
 
     home = FleetHome(Path(args.home) if args.home else default_home())
-    with home.registry() as registry:
-        device = registry.find_device(args.id)
-    if device is None or device.removed:
-        raise PkiError(f"device {args.id!r}: expected an enrolled, active device")
     pki = FleetPki(home.root)
-    issued = pki.issue_client(args.id)
+    issued = issue_device_certificate(home, args.id)
     out = ensure_private_dir(Path(args.out))
     issued.write(out / "client.crt", out / "client.key")
     atomic_write(out / "ca.crt", pki.ca_cert_pem(), mode=0o644)

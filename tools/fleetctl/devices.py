@@ -17,7 +17,9 @@ the device's private keys: copy it to the device and delete it.
 Assigning seals the model's content key to the device's X25519 key (HPKE, ``info`` bound to the
 device id, target path and ciphertext sha256) and makes it the device's only director target,
 with the image target's length and hashes. Removed devices get an empty director target list and
-no further grants.
+no further grants, and, once a fleet CA exists, every client certificate issued to them (the
+registry keeps their serials) goes into the CA-signed ``pki/crl.pem`` that ``fleetctl broker
+config`` hands to mosquitto (``crlfile``): the broker refuses them after its next restart.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +37,7 @@ from agent.supplychain.identity import DeviceIdentity, DevicePublicKeys
 from agent.supplychain.targets import DirectorTargetCustom
 from tools.fleetctl import FleetctlError
 from tools.fleetctl.home import FleetHome
-from tools.fleetctl.pki import FleetPki
+from tools.fleetctl.pki import FleetPki, IssuedCertificate
 from tools.fleetctl.registry import AssignmentRecord, DeviceRecord
 from tools.fleetctl.repository import TargetEntry, check_device_id
 
@@ -44,8 +47,10 @@ __all__ = [
     "EnrolResult",
     "assign_model",
     "enrol_device",
+    "issue_device_certificate",
     "parse_model_ref",
     "remove_device",
+    "write_revocation_list",
 ]
 
 logger = logging.getLogger(__name__)
@@ -119,8 +124,9 @@ def enrol_device(
 ) -> EnrolResult:
     """Enrol ``device_id``, create its director namespace and write its provisioning bundle.
 
-    Once a fleet CA exists, the bundle also gets the device's MQTT client certificate, and the
-    default ``mqtt_url`` becomes the TLS broker recorded by ``fleetctl broker config``.
+    Once a fleet CA exists, the bundle also gets the device's MQTT client certificate (its
+    serial goes into the registry), and the default ``mqtt_url`` becomes the TLS broker
+    recorded by ``fleetctl broker config``.
     """
     check_device_id(device_id)
     for tag in tags:
@@ -152,13 +158,15 @@ def enrol_device(
         target_dir = ensure_private_dir(bundle / "tuf" / name)
         atomic_write(target_dir / "root.json", source.read_bytes(), mode=0o644)
     pki = FleetPki(home.root)
+    certificate: IssuedCertificate | None = None
     if pki.exists():
         identity_dir = ensure_private_dir(bundle / "identity")
-        pki.issue_client(device_id).write(identity_dir / "client.crt", identity_dir / "client.key")
+        certificate = pki.issue_client(device_id)
+        certificate.write(identity_dir / "client.crt", identity_dir / "client.key")
         atomic_write(identity_dir / "ca.crt", pki.ca_cert_pem(), mode=0o644)
-        if mqtt_url == DEFAULT_MQTT_URL:
-            mqtt_url = pki.broker_url()
-    toml = _agent_toml(device_id, mqtt_url, tls_files=pki.exists())
+    if certificate is not None and mqtt_url == DEFAULT_MQTT_URL:
+        mqtt_url = pki.broker_url()
+    toml = _agent_toml(device_id, mqtt_url, tls_files=certificate is not None)
     atomic_write(bundle / "agent.toml", toml, mode=0o644)
     device_doc = {"device_id": device_id, "public_keys": public.to_dict()}
     atomic_write(bundle / "device.json", json.dumps(device_doc, indent=2) + "\n", mode=0o644)
@@ -168,19 +176,53 @@ def enrol_device(
         record = registry.add_device(
             device_id, tags=tags, x25519_public=public.x25519, ed25519_public=public.ed25519
         )
+        if certificate is not None:
+            registry.add_certificate(device_id, certificate.serial_number)
     logger.info("enrolled device %s", device_id)
     return EnrolResult(device=record, bundle=bundle, has_private_keys=identity is not None)
 
 
+def issue_device_certificate(home: FleetHome, device_id: str) -> IssuedCertificate:
+    """Issue a client certificate for an enrolled, active device and record its serial."""
+    check_device_id(device_id)
+    with home.registry() as registry:
+        device = registry.find_device(device_id)
+        if device is None or device.removed:
+            raise DeviceError(f"device {device_id!r}: expected an enrolled, active device")
+        issued = FleetPki(home.root).issue_client(device_id)
+        registry.add_certificate(device_id, issued.serial_number)
+    logger.info("issued a client certificate for %s", device_id)
+    return issued
+
+
+def write_revocation_list(home: FleetHome) -> Path | None:
+    """Regenerate ``pki/crl.pem`` from the registry's revoked certificates; None without a CA."""
+    pki = FleetPki(home.root)
+    if not pki.exists():
+        return None
+    with home.registry() as registry:
+        revoked = registry.revoked_certificates()
+    entries = []
+    for certificate in revoked:
+        revoked_at = datetime.fromisoformat(str(certificate.revoked_at))
+        if revoked_at.tzinfo is None:  # the registry writes UTC
+            revoked_at = revoked_at.replace(tzinfo=timezone.utc)
+        entries.append((certificate.serial, revoked_at))
+    pki.write_crl(entries)
+    return pki.crl_path
+
+
 def remove_device(home: FleetHome, device_id: str) -> DeviceRecord:
-    """Revoke a device: no further grants, and an empty director target list."""
+    """Revoke a device: no further grants, an empty director target list and, with a fleet CA,
+    its client certificates in ``pki/crl.pem``."""
     check_device_id(device_id)
     with home.registry() as registry:
         record = registry.remove_device(device_id)
     director = home.director()
     if director.namespace(device_id).exists():
         director.assign(device_id, {})
-    logger.info("removed device %s", device_id)
+    crl = write_revocation_list(home)
+    logger.info("removed device %s (certificate revocation list: %s)", device_id, crl or "none")
     return record
 
 

@@ -5,11 +5,18 @@ Layout in the home (the directory is 0700)::
     pki/ca.key, pki/ca.crt             the fleet CA (key 0600); created once, never replaced
     pki/fleetctl.crt, fleetctl.key     the controller's client certificate (CN ``fleetctl``)
     pki/broker.json                    where devices reach the broker: {"hosts": [...], "port": N}
+    pki/crl.pem                        the CRL: client certificates of removed devices
 
 Certificates: the CA is valid for 10 years (path length 0); the broker's server certificate
 (SAN DNS names / IP addresses, serverAuth) for 825 days; client certificates (CN = broker
 username, i.e. the device id or ``fleetctl``; clientAuth) for 5 years. Every private key is
 written 0600 through :func:`agent.atomicio.atomic_write`.
+
+The CRL is signed by the CA and rewritten whole from the list of revoked serials it is given
+(``fleetctl device remove`` and ``fleetctl broker config`` do so), with a CRL number one above
+the previous file's and a next update :data:`CRL_VALIDITY` ahead. A broker that checks CRLs
+(mosquitto ``crlfile``) refuses *every* client once that date passes, so the CRL must be
+regenerated (``fleetctl broker config``) and reloaded before then.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ from tools.fleetctl import FleetctlError
 
 __all__ = [
     "CONTROLLER_USER",
+    "CRL_VALIDITY",
     "DEFAULT_BROKER_HOSTS",
     "DEFAULT_BROKER_PORT",
     "FleetPki",
@@ -46,6 +54,7 @@ DEFAULT_BROKER_HOSTS = ("localhost", "127.0.0.1")
 DEFAULT_BROKER_PORT = 8883
 _CA_DAYS, _SERVER_DAYS, _CLIENT_DAYS = 3650, 825, 5 * 365
 _BACKDATE = datetime.timedelta(minutes=5)  # tolerate clocks slightly behind the controller's
+CRL_VALIDITY = datetime.timedelta(days=365)
 
 
 class PkiError(FleetctlError):
@@ -58,6 +67,11 @@ class IssuedCertificate:
 
     cert_pem: bytes
     key_pem: bytes
+
+    @property
+    def serial_number(self) -> int:
+        """The certificate's serial number (what a CRL lists)."""
+        return x509.load_pem_x509_certificate(self.cert_pem).serial_number
 
     def write(self, cert_path: Path, key_path: Path) -> None:
         """Write the certificate (0644) and the key (0600)."""
@@ -122,6 +136,11 @@ class FleetPki:
     def broker_info_path(self) -> Path:
         """``broker.json``: the hosts and port written by ``fleetctl broker config``."""
         return self.directory / "broker.json"
+
+    @property
+    def crl_path(self) -> Path:
+        """``crl.pem``: the CA-signed list of revoked client certificates."""
+        return self.directory / "crl.pem"
 
     def exists(self) -> bool:
         """Whether a fleet CA was created."""
@@ -240,6 +259,50 @@ class FleetPki:
             self.controller_cert_path, self.controller_key_path
         )
         return True
+
+    def _previous_crl_number(self) -> int:
+        try:
+            crl = x509.load_pem_x509_crl(self.crl_path.read_bytes())
+            number = crl.extensions.get_extension_for_class(x509.CRLNumber).value
+        except (OSError, ValueError, x509.ExtensionNotFound):
+            return 0
+        return int(number.crl_number)
+
+    def write_crl(
+        self, revoked: Sequence[tuple[int, datetime.datetime]]
+    ) -> x509.CertificateRevocationList:
+        """Sign and write ``crl.pem`` listing ``revoked`` (serial, revocation time) pairs.
+
+        Raises:
+            PkiError: no fleet CA, or a revocation time without a timezone.
+        """
+        ca_key, ca_cert = self._load_ca()
+        now = self._now()
+        builder = (
+            x509.CertificateRevocationListBuilder()
+            .issuer_name(ca_cert.subject)
+            .last_update(now - _BACKDATE)
+            .next_update(now + CRL_VALIDITY)
+            .add_extension(x509.CRLNumber(self._previous_crl_number() + 1), critical=False)
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), False
+            )
+        )
+        for serial, revoked_at in revoked:
+            if revoked_at.tzinfo is None:
+                raise PkiError(f"revocation time {revoked_at}: expected a timezone-aware time")
+            entry = (
+                x509.RevokedCertificateBuilder()
+                .serial_number(serial)
+                .revocation_date(revoked_at)
+                .build()
+            )
+            builder = builder.add_revoked_certificate(entry)
+        crl = builder.sign(ca_key, hashes.SHA256())
+        ensure_private_dir(self.directory)
+        atomic_write(self.crl_path, crl.public_bytes(serialization.Encoding.PEM), mode=0o644)
+        logger.info("wrote %s (%d revoked certificates)", self.crl_path, len(revoked))
+        return crl
 
     def save_broker_info(self, hosts: Sequence[str], port: int) -> None:
         """Remember where devices reach the broker (used by ``fleetctl device add``)."""

@@ -7,8 +7,9 @@ must be able to seal new grants for devices enrolled later. The key is never log
 returned by the listing methods; only :meth:`Registry.content_key` reads it.
 
 The schema is versioned with ``PRAGMA user_version``; :data:`MIGRATIONS` lists the steps, and
-opening an older file applies the missing ones in one transaction. Rollouts and telemetry tables
-arrive as later migrations.
+opening an older file applies the missing ones in one transaction (version 2 adds
+``device_certificates``: the serial of every client certificate issued to a device, revoked when
+the device is removed). The rollout and telemetry tables are created by their own modules.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ __all__ = [
     "MIGRATIONS",
     "SCHEMA_VERSION",
     "AssignmentRecord",
+    "CertificateRecord",
     "DeviceRecord",
     "ModelRecord",
     "Registry",
@@ -72,6 +74,17 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX assignments_device ON assignments(device_id, current);
     CREATE INDEX assignments_model ON assignments(model_id, current);
+    """,
+    # Every MQTT client certificate issued to a device (serial as lowercase hex: serials have
+    # up to 159 bits), so removing the device can revoke them all in the fleet CRL.
+    """
+    CREATE TABLE device_certificates (
+        serial TEXT PRIMARY KEY,
+        device_id TEXT NOT NULL REFERENCES devices(id),
+        issued_at TEXT NOT NULL,
+        revoked_at TEXT
+    );
+    CREATE INDEX device_certificates_device ON device_certificates(device_id);
     """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -161,6 +174,16 @@ class AssignmentRecord:
             "assigned_at": self.assigned_at,
             "current": self.current,
         }
+
+
+@dataclass(frozen=True)
+class CertificateRecord:
+    """A client certificate issued to a device (``revoked_at`` set once the device is removed)."""
+
+    device_id: str
+    serial: int
+    issued_at: str
+    revoked_at: str | None
 
 
 def _utcnow_text() -> str:
@@ -377,17 +400,68 @@ class Registry:
         return [self._device(row) for row in self._db.execute(query + " ORDER BY id")]
 
     def remove_device(self, device_id: str) -> DeviceRecord:
-        """Mark a device removed and end its current assignment."""
+        """Mark a device removed, end its current assignment and revoke its certificates."""
         device = self.get_device(device_id)
         if device.removed:
             raise RegistryError(f"device {device_id!r} is removed already")
+        now = self._now()
         self._db.execute("BEGIN IMMEDIATE")
         self._db.execute(
-            "UPDATE devices SET removed = 1, removed_at = ? WHERE id = ?", (self._now(), device_id)
+            "UPDATE devices SET removed = 1, removed_at = ? WHERE id = ?", (now, device_id)
         )
         self._db.execute("UPDATE assignments SET current = 0 WHERE device_id = ?", (device_id,))
+        self._db.execute(
+            "UPDATE device_certificates SET revoked_at = ? WHERE device_id = ?"
+            " AND revoked_at IS NULL",
+            (now, device_id),
+        )
         self._db.execute("COMMIT")
         return self.get_device(device_id)
+
+    # -- device certificates ---------------------------------------------------------------------
+
+    def add_certificate(self, device_id: str, serial: int) -> CertificateRecord:
+        """Record a client certificate issued to an active device."""
+        device = self.get_device(device_id)
+        if device.removed:
+            raise RegistryError(f"device {device_id!r} is removed; expected an active device")
+        if serial <= 0:
+            raise RegistryError(f"certificate serial {serial}: expected a positive integer")
+        issued = self._now()
+        try:
+            self._db.execute(
+                "INSERT INTO device_certificates (serial, device_id, issued_at) VALUES (?, ?, ?)",
+                (format(serial, "x"), device_id, issued),
+            )
+        except sqlite3.IntegrityError as exc:
+            raise RegistryError(
+                f"certificate serial {serial:x} is recorded already; expected a new serial"
+            ) from exc
+        return CertificateRecord(device_id, serial, issued, None)
+
+    @staticmethod
+    def _certificate(row: sqlite3.Row) -> CertificateRecord:
+        return CertificateRecord(
+            device_id=row["device_id"],
+            serial=int(row["serial"], 16),
+            issued_at=row["issued_at"],
+            revoked_at=row["revoked_at"],
+        )
+
+    def certificates(self, device_id: str) -> list[CertificateRecord]:
+        """The client certificates issued to the device, oldest first."""
+        rows = self._db.execute(
+            "SELECT * FROM device_certificates WHERE device_id = ? ORDER BY rowid", (device_id,)
+        )
+        return [self._certificate(row) for row in rows]
+
+    def revoked_certificates(self) -> list[CertificateRecord]:
+        """Every revoked client certificate (what the fleet CRL lists), oldest first."""
+        rows = self._db.execute(
+            "SELECT * FROM device_certificates WHERE revoked_at IS NOT NULL"
+            " ORDER BY revoked_at, rowid"
+        )
+        return [self._certificate(row) for row in rows]
 
     # -- assignments -----------------------------------------------------------------------------
 
