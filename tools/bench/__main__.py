@@ -13,6 +13,7 @@ SUITES = {
     "pipeline": "edge-agent run vs a hand-written capture/infer loop; overhead; memory",
     "supplychain": "streaming decrypt+verify vs one-shot decrypt; packing a 20 MiB model",
     "delivery": "20 MiB model delivered over MQTT end to end vs a raw paho transfer",
+    "fleet": "hot model swap during a running video (dropped frames, longest gap); daemon RSS",
 }
 
 
