@@ -259,3 +259,22 @@ def test_every_certificate_of_a_removed_device_is_revoked(tmp_path: Path) -> Non
     assert number == previous + 1
     assert crl.next_update_utc is not None and crl.next_update_utc > crl.last_update_utc
     assert fleetctl(["--home", home, "broker", "issue", "pi-c", "--out", str(reissued)]) == 2
+
+
+def bundle_url(home: str, device_id: str, out: Path, *extra: str) -> str:
+    assert fleetctl(["--home", home, "device", "add", device_id, "--out", str(out), *extra]) == 0
+    return config_from_toml((out / "agent.toml").read_text()).mqtt.url
+
+
+def test_mqtt_url_defaults_follow_the_fleet_ca_and_an_explicit_url_wins(tmp_path: Path) -> None:
+    home = str(tmp_path / "home")
+    assert fleetctl(["--home", home, "init"]) == 0
+    assert bundle_url(home, "pi-10", tmp_path / "b10") == "mqtt://localhost:1883"
+    explicit = ["--mqtt-url", "mqtt://10.0.0.5:1884"]
+    assert bundle_url(home, "pi-11", tmp_path / "b11", *explicit) == "mqtt://10.0.0.5:1884"
+    broker_argv = ["broker", "config", "--out", str(tmp_path / "broker"), "--port", "9883"]
+    assert fleetctl(["--home", home, *broker_argv, "--host", "broker.example"]) == 0
+    assert bundle_url(home, "pi-12", tmp_path / "b12") == "mqtts://broker.example:9883"
+    # The URL that used to be the default is kept as given, not replaced by the TLS broker.
+    given = ["--mqtt-url", "mqtt://localhost:1883"]
+    assert bundle_url(home, "pi-13", tmp_path / "b13", *given) == "mqtt://localhost:1883"

@@ -351,8 +351,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     dadd.add_argument(
         "--mqtt-url",
-        default="mqtt://localhost:1883",
-        help="broker URL written into the bundle's agent.toml",
+        default=None,
+        help="broker URL written into the bundle's agent.toml (default: the TLS broker of"
+        " `fleetctl broker config` once a fleet CA exists, else mqtt://localhost:1883)",
     )
     dadd.set_defaults(func=_cmd_device_add)
     dlist = device_cmds.add_parser("list", help="list devices and what they run")

@@ -120,13 +120,13 @@ def enrol_device(
     tags: tuple[str, ...] = (),
     out_dir: Path | None = None,
     public_keys_file: Path | None = None,
-    mqtt_url: str = DEFAULT_MQTT_URL,
+    mqtt_url: str | None = None,
 ) -> EnrolResult:
     """Enrol ``device_id``, create its director namespace and write its provisioning bundle.
 
     Once a fleet CA exists, the bundle also gets the device's MQTT client certificate (its
-    serial goes into the registry), and the default ``mqtt_url`` becomes the TLS broker
-    recorded by ``fleetctl broker config``.
+    serial goes into the registry). ``mqtt_url`` defaults to the TLS broker recorded by
+    ``fleetctl broker config`` when a fleet CA exists, else to :data:`DEFAULT_MQTT_URL`.
     """
     check_device_id(device_id)
     for tag in tags:
@@ -164,8 +164,8 @@ def enrol_device(
         certificate = pki.issue_client(device_id)
         certificate.write(identity_dir / "client.crt", identity_dir / "client.key")
         atomic_write(identity_dir / "ca.crt", pki.ca_cert_pem(), mode=0o644)
-    if certificate is not None and mqtt_url == DEFAULT_MQTT_URL:
-        mqtt_url = pki.broker_url()
+    if mqtt_url is None:
+        mqtt_url = pki.broker_url() if certificate is not None else DEFAULT_MQTT_URL
     toml = _agent_toml(device_id, mqtt_url, tls_files=certificate is not None)
     atomic_write(bundle / "agent.toml", toml, mode=0o644)
     device_doc = {"device_id": device_id, "public_keys": public.to_dict()}
