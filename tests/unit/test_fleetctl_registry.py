@@ -127,3 +127,26 @@ def test_a_version_1_registry_gains_the_certificate_table(tmp_path: Path) -> Non
         registry.add_certificate("old", 42)
         registry.remove_device("old")
         assert [c.serial for c in registry.revoked_certificates()] == [42]
+
+
+def test_unassign_ends_the_current_assignment_and_keeps_history(tmp_path: Path) -> None:
+    with Registry.open(tmp_path / "r.sqlite", create=True) as registry:
+        _model(registry)
+        _device(registry, "pi-01")
+        _device(registry, "pi-02")
+        registry.assign("pi-01", "digits", "1")
+        registry.assign("pi-02", "digits", "1")
+        ended = registry.unassign("pi-01")
+        assert ended is not None and (ended.model, ended.version, ended.current) == (
+            "digits",
+            "1",
+            False,
+        )
+        assert registry.current_assignment("pi-01") is None
+        assert registry.devices_running("digits", "1") == ["pi-02"]
+        assert [a.current for a in registry.assignment_history("pi-01")] == [False]
+        assert registry.unassign("pi-01") is None  # nothing left to end
+        with pytest.raises(RegistryError, match="not found"):
+            registry.unassign("pi-99")
+        registry.assign("pi-01", "digits", "1")  # a device can be assigned again
+        assert registry.devices_running("digits", "1") == ["pi-01", "pi-02"]

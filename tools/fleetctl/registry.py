@@ -19,7 +19,7 @@ import logging
 import os
 import sqlite3
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -485,6 +485,17 @@ class Registry:
         current = self.current_assignment(device_id)
         assert current is not None
         return current
+
+    def unassign(self, device_id: str) -> AssignmentRecord | None:
+        """End the device's current assignment (it now runs nothing); returns the ended one."""
+        current = self.current_assignment(device_id)
+        if current is None:
+            self.get_device(device_id)  # unknown ids raise; a device with nothing is a no-op
+            return None
+        self._db.execute(
+            "UPDATE assignments SET current = 0 WHERE device_id = ? AND current = 1", (device_id,)
+        )
+        return replace(current, current=False)
 
     _ASSIGNMENT_QUERY = (
         "SELECT a.device_id, m.name, m.version, a.assigned_at, a.current"

@@ -594,9 +594,8 @@ class RolloutEngine:
                 assign_model(self.home, device_id, name, version)
             else:
                 self.home.director().assign(device_id, {})
-                self.store.db.execute(
-                    "UPDATE assignments SET current = 0 WHERE device_id = ?", (device_id,)
-                )
+                with self.home.registry() as registry:
+                    registry.unassign(device_id)
         except FleetctlError as exc:
             logger.error("rollout %d: rollback of %s failed: %s", rollout.id, device_id, exc)
             self.store.update_device(rollout.id, device_id, reason=f"rollback failed: {exc}")
