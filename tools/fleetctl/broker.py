@@ -24,6 +24,9 @@ What it does (MQTT 3.1.1; a CONNECT for any other protocol level gets CONNACK 0x
       semantics (``pattern`` lines with ``%u``; denied publishes are acknowledged and dropped,
       subscriptions are granted and filtered at delivery, as mosquitto 2.0 does).
 
+Packet encoding and decoding live in :mod:`tools.fleetctl.mqtt_codec`, authentication and ACL
+rules in :mod:`tools.fleetctl.broker_acl` (re-exported here).
+
 A PyPI broker (amqtt) was considered; a small broker of our own keeps the bounded queues, drop
 counters, shared subscriptions and thread lifecycle under test, on the one topic matcher the
 rest of the product uses, without pulling in a framework.
@@ -33,19 +36,39 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import itertools
 import logging
 import threading
 from collections import deque
-from collections.abc import Coroutine, Mapping
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any, Literal
+from typing import Any
 
 from agent.protocol.errors import TopicError
-from agent.protocol.topics import Topics, split_shared, topic_matches, validate_filter
+from agent.protocol.topics import split_shared, topic_matches, validate_filter
 from tools.fleetctl import FleetctlError
+from tools.fleetctl.broker_acl import AclRule, BrokerAuth, fleet_acl_rules
+from tools.fleetctl.mqtt_codec import (
+    CONNACK,
+    CONNACK_BAD_LOGIN,
+    CONNACK_BAD_VERSION,
+    CONNACK_NOT_AUTHORIZED,
+    CONNECT,
+    DISCONNECT,
+    PINGREQ,
+    PINGRESP,
+    PUBACK,
+    PUBLISH,
+    SUBACK,
+    SUBSCRIBE,
+    UNSUBACK,
+    UNSUBSCRIBE,
+    MalformedPacketError,
+    PacketReader,
+    encode_packet,
+    encode_string,
+)
 
 __all__ = [
     "AclRule",
@@ -58,70 +81,9 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-Access = Literal["read", "write", "readwrite"]
-_CONNECT, _CONNACK, _PUBLISH, _PUBACK = 1, 2, 3, 4
-_SUBSCRIBE, _SUBACK, _UNSUBSCRIBE, _UNSUBACK = 8, 9, 10, 11
-_PINGREQ, _PINGRESP, _DISCONNECT = 12, 13, 14
-_CONNACK_BAD_VERSION, _CONNACK_BAD_ID, _CONNACK_BAD_LOGIN, _CONNACK_NOT_AUTHORIZED = 1, 2, 4, 5
-
 
 class BrokerError(FleetctlError):
     """The embedded broker cannot start, or was configured with impossible values."""
-
-
-class _MalformedPacket(Exception):
-    """A packet broke MQTT 3.1.1 framing or rules; the connection is closed."""
-
-
-@dataclass(frozen=True)
-class AclRule:
-    """One ACL line: ``user`` set = mosquitto ``topic`` under ``user``; None = ``pattern`` (all)."""
-
-    access: Access
-    topic: str
-    user: str | None = None
-
-    def filter_for(self, username: str) -> str | None:
-        """The topic filter this rule grants ``username``, or None if it does not apply."""
-        if self.user is not None:
-            return self.topic if self.user == username else None
-        if any(c in username for c in "/+#"):
-            return None  # mosquitto refuses substitution of such names
-        return self.topic.replace("%u", username)
-
-
-@dataclass(frozen=True)
-class BrokerAuth:
-    """Who may connect (username -> password) and what they may read and write."""
-
-    passwords: Mapping[str, str]
-    rules: tuple[AclRule, ...] = ()
-
-    def login_ok(self, username: str | None, password: bytes | None) -> bool:
-        """Whether the CONNECT credentials are known."""
-        if username is None or username not in self.passwords:
-            return False
-        return hmac.compare_digest(self.passwords[username].encode(), password or b"")
-
-    def allows(self, username: str, topic: str, access: Literal["read", "write"]) -> bool:
-        """Whether ``username`` may ``access`` topic name ``topic``."""
-        for rule in self.rules:
-            if access not in rule.access:
-                continue
-            topic_filter = rule.filter_for(username)
-            if topic_filter is not None and topic_matches(topic_filter, topic):
-                return True
-        return False
-
-
-def fleet_acl_rules(topics: Topics, *, controller_user: str = "fleetctl") -> tuple[AclRule, ...]:
-    """The fleet's ACL: the controller reads/writes the whole prefix, devices their own topics."""
-    writable, readable = topics.device_acl_patterns(placeholder="%u")
-    return (
-        AclRule("readwrite", f"{topics.prefix}/#", user=controller_user),
-        *(AclRule("write", t) for t in writable),
-        *(AclRule("read", t) for t in readable),
-    )
 
 
 @dataclass(frozen=True)
@@ -166,57 +128,6 @@ class _Session:
     def take_mid(self) -> int:
         self.next_mid = self.next_mid % 65535 + 1
         return self.next_mid
-
-
-def _encode_length(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        n, digit = divmod(n, 128)
-        out.append(digit | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def _packet(first: int, body: bytes) -> bytes:
-    return bytes((first,)) + _encode_length(len(body)) + body
-
-
-def _string(text: str) -> bytes:
-    raw = text.encode()
-    return len(raw).to_bytes(2, "big") + raw
-
-
-class _Reader:
-    """Cursor over one packet body; any overrun is a malformed packet."""
-
-    def __init__(self, body: bytes) -> None:
-        self.body = body
-        self.pos = 0
-
-    def take(self, n: int) -> bytes:
-        if self.pos + n > len(self.body):
-            raise _MalformedPacket(f"packet ends early: needed {n} more bytes")
-        chunk = self.body[self.pos : self.pos + n]
-        self.pos += n
-        return chunk
-
-    def u16(self) -> int:
-        return int.from_bytes(self.take(2), "big")
-
-    def blob(self) -> bytes:
-        return self.take(self.u16())
-
-    def text(self) -> str:
-        try:
-            value = self.blob().decode("utf-8")
-        except UnicodeDecodeError:
-            raise _MalformedPacket("string is not valid UTF-8") from None
-        if "\x00" in value:
-            raise _MalformedPacket("string contains NUL")
-        return value
-
-    def rest(self) -> bytes:
-        return self.take(len(self.body) - self.pos)
 
 
 class EmbeddedBroker:
@@ -351,9 +262,9 @@ class EmbeddedBroker:
         session: _Session | None = None
         clean = False
         try:
-            kind, flags, body = await asyncio.wait_for(self._read_packet(reader), 30)
-            if kind != _CONNECT:
-                raise _MalformedPacket(f"first packet is type {kind}, expected CONNECT")
+            kind, flags, body = await asyncio.wait_for(self._readencode_packet(reader), 30)
+            if kind != CONNECT:
+                raise MalformedPacketError(f"first packet is type {kind}, expected CONNECT")
             session, keepalive = self._connect(body, writer)
             if session is None:
                 return
@@ -361,13 +272,13 @@ class EmbeddedBroker:
             if keepalive:
                 self._watch_keepalive(session, keepalive * 1.5)
             while True:
-                kind, flags, body = await self._read_packet(reader)
+                kind, flags, body = await self._readencode_packet(reader)
                 session.last_seen = asyncio.get_running_loop().time()
-                if kind == _DISCONNECT:
+                if kind == DISCONNECT:
                     clean = True
                     return
                 self._handle(session, kind, flags, body)
-        except _MalformedPacket as exc:
+        except MalformedPacketError as exc:
             self._counts["closed_malformed"] += 1
             who = session.client_id if session else peer
             logger.warning("closing MQTT connection of %s: malformed packet: %s", who, exc)
@@ -397,7 +308,7 @@ class EmbeddedBroker:
         logger.info("closing MQTT connection of %s: keepalive expired", session.client_id)
         session.writer.close()  # the reader ends; its cleanup publishes the Last Will
 
-    async def _read_packet(self, reader: asyncio.StreamReader) -> tuple[int, int, bytes]:
+    async def _readencode_packet(self, reader: asyncio.StreamReader) -> tuple[int, int, bytes]:
         first = (await reader.readexactly(1))[0]
         length, multiplier = 0, 1
         for _ in range(4):
@@ -407,9 +318,11 @@ class EmbeddedBroker:
                 break
             multiplier *= 128
         else:
-            raise _MalformedPacket("remaining length longer than 4 bytes")
+            raise MalformedPacketError("remaining length longer than 4 bytes")
         if length > self._max_packet:
-            raise _MalformedPacket(f"packet of {length} bytes, expected at most {self._max_packet}")
+            raise MalformedPacketError(
+                f"packet of {length} bytes, expected at most {self._max_packet}"
+            )
         body = await reader.readexactly(length)
         self._counts["bytes_in"] += length + 2
         return first >> 4, first & 0x0F, body
@@ -417,12 +330,12 @@ class EmbeddedBroker:
     # ---- packets -------------------------------------------------------------------------------
 
     def _connect(self, body: bytes, writer: asyncio.StreamWriter) -> tuple[_Session | None, int]:
-        r = _Reader(body)
+        r = PacketReader(body)
         protocol, level, flags, keepalive = r.text(), r.take(1)[0], r.take(1)[0], r.u16()
         if protocol not in ("MQTT", "MQIsdp"):
-            raise _MalformedPacket(f"protocol name {protocol!r}, expected 'MQTT'")
+            raise MalformedPacketError(f"protocol name {protocol!r}, expected 'MQTT'")
         if level != 4 or flags & 0x01:
-            writer.write(_packet(_CONNACK << 4, bytes((0, _CONNACK_BAD_VERSION))))
+            writer.write(encode_packet(CONNACK << 4, bytes((0, CONNACK_BAD_VERSION))))
             return None, 0
         client_id = r.text()
         will = None
@@ -430,7 +343,7 @@ class EmbeddedBroker:
             will_topic, will_payload = r.text(), r.blob()
             will_qos = (flags >> 3) & 0x03
             if will_qos > 1:
-                raise _MalformedPacket(f"will QoS {will_qos}: only 0 and 1 are supported")
+                raise MalformedPacketError(f"will QoS {will_qos}: only 0 and 1 are supported")
             will = _Message(will_topic, will_payload, will_qos, bool(flags & 0x20))
         username = r.text() if flags & 0x80 else None
         password = r.blob() if flags & 0x40 else None
@@ -438,10 +351,10 @@ class EmbeddedBroker:
             client_id = f"auto-{next(self._anon_ids)}"
         refusal = 0
         if self._auth is not None and not self._auth.login_ok(username, password):
-            refusal = _CONNACK_BAD_LOGIN if username is not None else _CONNACK_NOT_AUTHORIZED
+            refusal = CONNACK_BAD_LOGIN if username is not None else CONNACK_NOT_AUTHORIZED
         if refusal:
             logger.info("refused MQTT client %s (user %r): rc %d", client_id, username, refusal)
-            writer.write(_packet(_CONNACK << 4, bytes((0, refusal))))
+            writer.write(encode_packet(CONNACK << 4, bytes((0, refusal))))
             return None, 0
         old = self._sessions.get(client_id)
         if old is not None:
@@ -450,48 +363,48 @@ class EmbeddedBroker:
         session = _Session(client_id, username, writer, will)
         self._sessions[client_id] = session
         self._counts["connections"] += 1
-        writer.write(_packet(_CONNACK << 4, b"\x00\x00"))
+        writer.write(encode_packet(CONNACK << 4, b"\x00\x00"))
         logger.debug("MQTT client %s connected (user %r)", client_id, username)
         return session, keepalive
 
     def _handle(self, session: _Session, kind: int, flags: int, body: bytes) -> None:
-        if kind == _PUBLISH:
+        if kind == PUBLISH:
             self._on_publish(session, flags, body)
-        elif kind == _PUBACK:
-            session.inflight.discard(_Reader(body).u16())
+        elif kind == PUBACK:
+            session.inflight.discard(PacketReader(body).u16())
             session.wakeup.set()
-        elif kind == _SUBSCRIBE:
+        elif kind == SUBSCRIBE:
             self._on_subscribe(session, flags, body)
-        elif kind == _UNSUBSCRIBE:
-            r = _Reader(body)
+        elif kind == UNSUBSCRIBE:
+            r = PacketReader(body)
             mid = r.u16()
             while r.pos < len(body):
                 session.subscriptions.pop(r.text(), None)
-            session.writer.write(_packet(_UNSUBACK << 4, mid.to_bytes(2, "big")))
-        elif kind == _PINGREQ:
-            session.writer.write(_packet(_PINGRESP << 4, b""))
+            session.writer.write(encode_packet(UNSUBACK << 4, mid.to_bytes(2, "big")))
+        elif kind == PINGREQ:
+            session.writer.write(encode_packet(PINGRESP << 4, b""))
         else:
-            raise _MalformedPacket(f"unexpected packet type {kind} from a client")
+            raise MalformedPacketError(f"unexpected packet type {kind} from a client")
 
     def _on_publish(self, session: _Session, flags: int, body: bytes) -> None:
         qos, retain = (flags >> 1) & 0x03, bool(flags & 0x01)
         if qos > 1:
-            raise _MalformedPacket(f"PUBLISH with QoS {qos}: this broker supports QoS 0 and 1")
-        r = _Reader(body)
+            raise MalformedPacketError(f"PUBLISH with QoS {qos}: this broker supports QoS 0 and 1")
+        r = PacketReader(body)
         topic = r.text()
         if not topic or "+" in topic or "#" in topic:
-            raise _MalformedPacket(f"PUBLISH topic {topic[:60]!r} is not a topic name")
+            raise MalformedPacketError(f"PUBLISH topic {topic[:60]!r} is not a topic name")
         mid = r.u16() if qos else 0
         message = _Message(topic, r.rest(), qos, retain)
         self._counts["messages_in"] += 1
         self._publish(session.username, message)
         if qos:
-            session.writer.write(_packet(_PUBACK << 4, mid.to_bytes(2, "big")))
+            session.writer.write(encode_packet(PUBACK << 4, mid.to_bytes(2, "big")))
 
     def _on_subscribe(self, session: _Session, flags: int, body: bytes) -> None:
         if flags != 0x02:
-            raise _MalformedPacket(f"SUBSCRIBE flags {flags:#x}, expected 0x2")
-        r = _Reader(body)
+            raise MalformedPacketError(f"SUBSCRIBE flags {flags:#x}, expected 0x2")
+        r = PacketReader(body)
         mid = r.u16()
         granted = bytearray()
         new_filters: list[tuple[str, int]] = []
@@ -508,8 +421,8 @@ class EmbeddedBroker:
             new_filters.append((topic_filter, qos))
             granted.append(qos)
         if not granted:
-            raise _MalformedPacket("SUBSCRIBE without any topic filter")
-        session.writer.write(_packet(_SUBACK << 4, mid.to_bytes(2, "big") + bytes(granted)))
+            raise MalformedPacketError("SUBSCRIBE without any topic filter")
+        session.writer.write(encode_packet(SUBACK << 4, mid.to_bytes(2, "big") + bytes(granted)))
         for topic_filter, qos in new_filters:
             if split_shared(topic_filter)[0] is not None:
                 continue  # retained messages are not sent on shared subscriptions
@@ -595,13 +508,13 @@ class EmbeddedBroker:
                 ):
                     message = session.queue.popleft()
                     session.queued_bytes -= len(message.payload)
-                    header = (_PUBLISH << 4) | (message.qos << 1) | int(message.retain)
-                    body = _string(message.topic)
+                    header = (PUBLISH << 4) | (message.qos << 1) | int(message.retain)
+                    body = encode_string(message.topic)
                     if message.qos:
                         mid = session.take_mid()
                         session.inflight.add(mid)
                         body += mid.to_bytes(2, "big")
-                    packet = _packet(header, body + message.payload)
+                    packet = encode_packet(header, body + message.payload)
                     session.writer.write(packet)
                     self._counts["messages_out"] += 1
                     self._counts["bytes_out"] += len(packet)
