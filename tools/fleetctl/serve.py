@@ -22,6 +22,7 @@ import logging
 import os
 import queue
 import socket
+import sqlite3
 import threading
 import time
 from dataclasses import dataclass
@@ -124,6 +125,7 @@ class ControllerService:
         self._ingest_thread = threading.Thread(target=self._ingest_loop, name="ingest", daemon=True)
         self.inbox_overflows = 0
         self._next_timestamp_check = 0.0
+        self._last_assignment_id = self._max_assignment_id()
 
     # ---- lifecycle -----------------------------------------------------------------------------
 
@@ -212,6 +214,10 @@ class ControllerService:
                 self.rollout_engine.tick()
             except Exception:
                 logger.exception("rollout engine tick failed")
+        try:
+            self.notify_new_assignments()
+        except sqlite3.Error:
+            logger.exception("assignment check failed")
         now = time.monotonic()
         if now >= self._next_timestamp_check:
             self._next_timestamp_check = now + self.options.timestamp_check_s
@@ -281,6 +287,29 @@ class ControllerService:
         if refreshed:
             logger.info("re-signed director timestamps of %d device(s)", len(refreshed))
         return refreshed
+
+    def _max_assignment_id(self) -> int:
+        with contextlib.closing(sqlite3.connect(self.home.registry_path, timeout=5.0)) as db:
+            row = db.execute("SELECT COALESCE(MAX(id), 0) FROM assignments").fetchone()
+        return int(row[0])
+
+    def notify_new_assignments(self) -> list[str]:
+        """Nudge devices assigned since the last check (``fleetctl assign`` from another process).
+
+        The director metadata is already signed and served; the nudge only saves the device its
+        next poll interval. Returns the devices notified.
+        """
+        with contextlib.closing(sqlite3.connect(self.home.registry_path, timeout=5.0)) as db:
+            rows = db.execute(
+                "SELECT id, device_id FROM assignments WHERE id > ? ORDER BY id",
+                (self._last_assignment_id,),
+            ).fetchall()
+        devices = list(dict.fromkeys(str(device_id) for _, device_id in rows))
+        if rows:
+            self._last_assignment_id = int(rows[-1][0])
+        for device_id in devices:
+            self.notify(device_id)
+        return devices
 
     def notify_director_changed(self, device_id: str) -> None:
         """Nudge a device whose director metadata changed (the rollout engine's callback)."""
