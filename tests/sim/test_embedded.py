@@ -7,7 +7,7 @@ import pytest
 from tests.sim.conftest import wave_commit_times
 from tools.fleetsim import Fleet
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.sim]
 
 
 def test_first_install_then_canary_rollout_on_the_embedded_broker(embedded_fleet: Fleet) -> None:

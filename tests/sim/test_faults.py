@@ -11,7 +11,7 @@ import pytest
 from tests.sim.conftest import converge
 from tools.fleetsim import Fleet, write_heavy_digits_model
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.sim]
 
 
 def _partial_bytes(fleet: Fleet, device_id: str) -> int:

@@ -20,7 +20,7 @@ from agent.transport.base import MessageHandler, MessageProperties
 from agent.transport.mqtt import PahoTransport, TlsFiles
 from tools.fleetsim import Fleet
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.sim]
 
 TOPICS = Topics()
 TIMEOUT = 30.0

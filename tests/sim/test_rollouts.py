@@ -9,7 +9,7 @@ import pytest
 from tests.sim.conftest import converge, wave_commit_times
 from tools.fleetsim import Fleet
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.sim]
 
 
 def test_canary_then_waves_commit_in_wave_order(mosquitto_fleet: Fleet) -> None:
