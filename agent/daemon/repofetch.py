@@ -172,6 +172,16 @@ class MqttRepositoryFetcher(FetcherInterface):  # type: ignore[misc]
         if partial is not None:
             partial.unlink(missing_ok=True)
 
+    def discard_partials(self) -> int:
+        """Forget every partial download (after a hash mismatch); returns how many."""
+        if self.partial_dir is None or not self.partial_dir.is_dir():
+            return 0
+        removed = 0
+        for partial in self.partial_dir.glob("*.part"):
+            partial.unlink(missing_ok=True)
+            removed += 1
+        return removed
+
     # ---- network thread ------------------------------------------------------------------------
 
     def _on_frame(self, _topic: str, payload: bytes, _props: MessageProperties) -> None:

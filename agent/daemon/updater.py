@@ -288,7 +288,7 @@ class UpdaterService:
 
         card = plan.card
         try:
-            verified = client.fetch_and_decrypt(plan)
+            verified = self._fetch_verified(client, plan)
         except Exception as exc:
             raise _StepFailed(f"download/verification failed: {type(exc).__name__}: {exc}") from exc
         for event in (Input.FETCHED, Input.VERIFIED, Input.UNSEALED, Input.DECRYPTED):
@@ -314,6 +314,25 @@ class UpdaterService:
         self._step(Input.SELF_TEST_PASSED)
         running = RunningModel(predictor, card.name, card.version, plan.target_path, plan.sha256)
         return running, verified
+
+    @staticmethod
+    def _fetch_verified(client: Any, plan: Any) -> Any:
+        """``fetch_and_decrypt``; after a hash mismatch, drop partial downloads and retry once.
+
+        A resumed download whose stored prefix was torn or corrupted fails ngclient's hash
+        check; starting over from byte 0 is then the cure (a second mismatch is a bad target).
+        """
+        from agent.supplychain.errors import TargetHashError  # noqa: PLC0415
+
+        try:
+            return client.fetch_and_decrypt(plan)
+        except TargetHashError as exc:
+            discard = getattr(client.fetcher, "discard_partials", None)
+            if discard is None:
+                raise
+            logger.warning("%s; discarding partial downloads and fetching once more", exc)
+            discard()
+            return client.fetch_and_decrypt(plan)
 
     def _activate_and_watch(self, running: RunningModel, verified: Any) -> None:
         try:

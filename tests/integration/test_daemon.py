@@ -1,10 +1,14 @@
 """``edge-agent daemon`` as a subprocess against a real mosquitto and a real fleetctl home.
 
-The device installs v1 (tflite), reports state, telemetry, results and signed events, hot-swaps
-to v2 (onnx) after a re-assignment and a Notify without losing a frame, rejects a v3 whose
-self-test fails (keeping v2), sends READY/WATCHDOG on ``NOTIFY_SOCKET``, stops on SIGTERM with
-a retained offline state, and restarts offline on the committed model from its encrypted store.
-The repository is read through ``[update] repository_dir`` (a ``LocalDirectoryFetcher``).
+The repository is read over MQTT (:class:`~agent.daemon.repofetch.MqttRepositoryFetcher`)
+from a real :class:`~tools.fleetctl.reposerver.RepositoryServer` serving the home, as in
+production. The device installs v1 (tflite), reports state, telemetry, results and signed
+events, hot-swaps to v2 (onnx) after a re-assignment and a Notify without losing a frame,
+rejects a v3 whose self-test fails (keeping v2), sends READY/WATCHDOG on ``NOTIFY_SOCKET``,
+stops on SIGTERM with a retained offline state, and restarts offline on the committed model from
+its encrypted store. A second run: a corrupt partial download is discarded and fetched again,
+SIGHUP applies a new ``[results]`` policy without touching the model, and a version that fails
+the post-activation watch (``max_latency_ms``) is rolled back to the committed one.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import io
+import itertools
 import json
 import os
 import signal
@@ -36,6 +41,7 @@ from agent.protocol.messages import (
     decode,
     encode,
 )
+from agent.protocol.topics import Topics
 from agent.supplychain.envelope import DEFAULT_SEGMENT_SIZE, encrypt_file, new_content_key
 from agent.supplychain.identity import DevicePublicKeys
 from agent.supplychain.reports import verify_report
@@ -46,6 +52,7 @@ from tests.mosquitto import Mosquitto, free_port
 from tools.fleetctl.devices import assign_model, enrol_device
 from tools.fleetctl.home import FleetHome
 from tools.fleetctl.packing import image_custom_metadata, pack_model
+from tools.fleetctl.reposerver import RepositoryServer
 from tools.videos import MODELS_DIR, load_digits, write_digits_video
 
 pytestmark = pytest.mark.inference
@@ -101,39 +108,55 @@ class Observer:
 
 
 class NotifySocket:
-    """A datagram socket standing in for systemd's NOTIFY_SOCKET."""
+    """A datagram socket standing in for systemd's NOTIFY_SOCKET, read by a thread.
+
+    Reading continuously matters: a unix datagram queue holds few messages, and a sender
+    blocks when it is full.
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.sock.bind(str(path))
-        self.sock.settimeout(TIMEOUT)
+        self.sock.settimeout(0.2)
         self.lines: list[str] = []
+        self._cond = threading.Condition()
+        self._closed = threading.Event()
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        while not self._closed.is_set():
+            try:
+                datagram = self.sock.recv(4096).decode()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            with self._cond:
+                self.lines.extend(datagram.splitlines())
+                self._cond.notify_all()
 
     def drain(self) -> None:
         """Forget every notification received so far."""
-        self.sock.setblocking(False)
-        try:
-            while self.sock.recv(4096):
-                pass
-        except BlockingIOError:
-            pass
-        finally:
-            self.sock.settimeout(TIMEOUT)
-        self.lines.clear()
+        with self._cond:
+            self.lines.clear()
 
     def wait_for(self, prefix: str) -> str:
-        for line in self.lines:
-            if line.startswith(prefix):
-                return line
-        deadline = time.monotonic() + TIMEOUT
-        while time.monotonic() < deadline:
-            datagram = self.sock.recv(4096).decode()
-            self.lines.extend(datagram.splitlines())
-            for line in datagram.splitlines():
-                if line.startswith(prefix):
-                    return line
-        raise AssertionError(f"no {prefix!r} notification")
+        def found() -> str | None:
+            return next((line for line in self.lines if line.startswith(prefix)), None)
+
+        with self._cond:
+            if not self._cond.wait_for(lambda: found() is not None, TIMEOUT):
+                raise AssertionError(f"no {prefix!r} notification")
+            line = found()
+            assert line is not None
+            return line
+
+    def close(self) -> None:
+        self._closed.set()
+        self._thread.join()
+        self.sock.close()
 
 
 def pack_without_selftest(home: FleetHome, model: Path, card: Any, version: str) -> None:
@@ -177,15 +200,39 @@ def broker(tmp_path: Path) -> Iterator[Mosquitto]:
         yield mosquitto
 
 
-def write_config(bundle: Path, *, port: int, video: Path, repo: Path) -> Path:
+@pytest.fixture
+def home(tmp_path: Path) -> FleetHome:
+    home = FleetHome(tmp_path / "home")
+    home.create(image_thresholds={"root": (1, 1), "targets": (1, 1)})
+    return home
+
+
+@pytest.fixture
+def server(home: FleetHome, broker: Mosquitto) -> Iterator[RepositoryServer]:
+    """The controller's repository server on the broker, as ``fleetctl serve`` runs it."""
+    transport = PahoTransport(host="127.0.0.1", port=broker.port, client_id="fleet-ctl")
+    server = RepositoryServer(home, transport, Topics())
+    server.start()
+    transport.connect()
+    try:
+        assert transport.wait_subscribed(10)
+        yield server
+    finally:
+        server.stop()
+        transport.disconnect()
+
+
+def write_config(
+    bundle: Path, *, port: int, video: Path, results: str = 'policy = "every"', update: str = ""
+) -> Path:
     config = bundle / "agent.toml"
     config.write_text(
         f'[device]\nid = "{DEVICE}"\nstate_dir = "{bundle}"\n'
         f'[mqtt]\nurl = "mqtt://127.0.0.1:{port}"\nreconnect_min_s = 0.2\nreconnect_max_s = 1\n'
         f'[source]\nspec = "{video}"\nloop = true\nrealtime = true\n'
-        '[results]\npolicy = "every"\nqos = 1\n'
+        f"[results]\n{results}\nqos = 1\n"
         "[telemetry]\ninterval_s = 1\n"
-        f'[update]\nwatch_s = 1.5\npoll_interval_s = 3600\nrepository_dir = "{repo}"\n'
+        f"[update]\nwatch_s = 1.5\npoll_interval_s = 3600\n{update}\n"
     )
     return config
 
@@ -203,10 +250,8 @@ def start_daemon(config: Path, notify: NotifySocket, log: Path) -> subprocess.Po
 
 
 def test_daemon_installs_swaps_rejects_and_restarts_offline(
-    tmp_path: Path, broker: Mosquitto
+    tmp_path: Path, broker: Mosquitto, home: FleetHome, server: RepositoryServer
 ) -> None:
-    home = FleetHome(tmp_path / "home")
-    home.create(image_thresholds={"root": (1, 1), "targets": (1, 1)})
     pack_model(home, MODELS_DIR / "digits_int8.tflite", name="digits", version="1.0.0")
     pack_model(home, MODELS_DIR / "digits_int8.onnx", name="digits", version="2.0.0")
     card = card_from_json((MODELS_DIR / "digits_int8.onnx.card.json").read_text())
@@ -222,7 +267,7 @@ def test_daemon_installs_swaps_rejects_and_restarts_offline(
     assign_model(home, DEVICE, "digits", "1.0.0")
     images, _labels = load_digits()
     video = write_digits_video(tmp_path / "digits.avi", images[:60], fps=10)
-    config = write_config(bundle, port=broker.port, video=video, repo=home.repo_dir)
+    config = write_config(bundle, port=broker.port, video=video)
     notify = NotifySocket(tmp_path / "notify.sock")
     observer = Observer(broker.port)
     log = tmp_path / "daemon.log"
@@ -303,7 +348,8 @@ def test_daemon_installs_swaps_rejects_and_restarts_offline(
         observer.close()
 
     # -- restart with no broker: the committed v2 runs from the encrypted store
-    write_config(bundle, port=free_port(), video=video, repo=tmp_path / "no-repo")
+    assert server.stats().ok > 0 and server.stats().forbidden == 0
+    write_config(bundle, port=free_port(), video=video)
     notify.drain()
     daemon = start_daemon(config, notify, log)
     try:
@@ -313,3 +359,102 @@ def test_daemon_installs_swaps_rejects_and_restarts_offline(
     finally:
         daemon.send_signal(signal.SIGTERM)
         assert daemon.wait(30) == 0
+        notify.close()
+
+
+def test_daemon_refetches_a_corrupt_partial_reloads_on_sighup_and_rolls_back(
+    tmp_path: Path, broker: Mosquitto, home: FleetHome, server: RepositoryServer
+) -> None:
+    v1 = pack_model(home, MODELS_DIR / "digits_int8.tflite", name="digits", version="1.0.0")
+    v2 = pack_model(home, MODELS_DIR / "digits_int8.onnx", name="digits", version="2.0.0")
+    bundle = tmp_path / "bundle"
+    enrol_device(home, DEVICE, out_dir=bundle)
+    assign_model(home, DEVICE, "digits", "1.0.0")
+    # a torn partial download of v1 (as a crash mid-download leaves it), with wrong bytes
+    image = home.image()
+    ciphertext = image.target_file(image.get_target(v1.record.target_path))  # type: ignore[arg-type]
+    repo_path = ciphertext.relative_to(home.repo_dir).as_posix()
+    partial = bundle / "partial" / f"{hashlib.sha256(repo_path.encode()).hexdigest()}.part"
+    partial.parent.mkdir(mode=0o700)
+    partial.write_bytes(b"\xaa" * 4096)
+    images, _labels = load_digits()
+    video = write_digits_video(tmp_path / "digits.avi", images[:60], fps=10)
+    config = write_config(bundle, port=broker.port, video=video)
+    notify = NotifySocket(tmp_path / "notify.sock")
+    observer = Observer(broker.port)
+    log = tmp_path / "daemon.log"
+    daemon = start_daemon(config, notify, log)
+    try:
+        # -- the resumed download fails its hash check; the partial is dropped, v1 fetched again
+        observer.wait_for(
+            "events", lambda e: e.kind == "committed" and e.version == "1.0.0", "v1 committed"
+        )
+        assert "failed" not in [e.kind for e in observer.of("events")]
+        assert "discarding partial downloads" in log.read_text()
+        assert not partial.exists()
+
+        # -- SIGHUP: results at most every 2 s from now on, the model keeps running
+        observer.wait_for("results", lambda r: r.model_version == "1.0.0", "v1 results")
+        activations = [e for e in observer.of("events") if e.kind == "activated"]
+        write_config(
+            bundle, port=broker.port, video=video, results='policy = "interval"\ninterval_s = 2'
+        )
+        daemon.send_signal(signal.SIGHUP)
+        notify.wait_for("STATUS=settings reloaded")
+        reloaded_at = time.time()
+        observer.wait_for(
+            "results",
+            lambda r: len([x for x in observer.of("results") if x.ts > reloaded_at]) >= 3,
+            "three results after the reload",
+        )
+        after = [r for r in observer.of("results") if r.ts > reloaded_at]
+        gaps = [b.ts - a.ts for a, b in itertools.pairwise(after)]
+        assert min(gaps) >= 1.9, f"results {gaps} s apart; expected the 2 s interval policy"
+        assert {r.model_version for r in after} == {"1.0.0"}
+        assert [e for e in observer.of("events") if e.kind == "activated"] == activations
+        daemon.send_signal(signal.SIGTERM)
+        assert daemon.wait(30) == 0
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+            daemon.wait()
+
+    # -- restart with a p95 ceiling no model meets: v2 is activated, watched and rolled back
+    write_config(bundle, port=broker.port, video=video, update="max_latency_ms = 0.1")
+    daemon = start_daemon(config, notify, log)
+    try:
+        observer.wait_for(
+            "events",
+            lambda e: e.kind == "up-to-date" and e.version == "1.0.0",
+            "v1 up to date after the restart",
+        )
+        assign_model(home, DEVICE, "digits", "2.0.0")
+        observer.transport.publish(
+            f"edge/v1/dev/{DEVICE}/notify", encode(Notify(ts=time.time())), qos=1
+        )
+        rolled = observer.wait_for("events", lambda e: e.kind == "rolled-back", "v2 rolled back")
+        assert rolled.version == "2.0.0" and rolled.previous_version == "1.0.0"
+        assert rolled.reason is not None and rolled.reason.startswith("p95 latency")
+        kinds = [e.kind for e in observer.of("events") if e.boot_id == rolled.boot_id]
+        assert kinds[kinds.index("fetching") :] == [
+            "fetching",
+            "verified",
+            "activated",
+            "rolled-back",
+        ]
+        last = max(r.seq for r in observer.of("results") if r.boot_id == rolled.boot_id)
+        observer.wait_for(
+            "results",
+            lambda r: r.boot_id == rolled.boot_id and r.seq > last and r.model_version == "1.0.0",
+            "v1 running again",
+        )
+        installed = json.loads((bundle / "installed.json").read_text())
+        assert installed["current"]["version"] == "1.0.0"
+        failed = json.loads((bundle / "failed-targets.json").read_text())
+        assert [entry["version"] for entry in failed.values()] == ["2.0.0"]
+        assert v2.record.target_path in failed[next(iter(failed))]["target"]
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        assert daemon.wait(30) == 0
+        observer.close()
+        notify.close()
