@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import io
 import itertools
 import json
 import os
@@ -31,7 +30,7 @@ from typing import Any
 
 import pytest
 
-from agent.modelcard import card_from_json
+from agent.modelcard import card_from_json, card_to_json
 from agent.protocol.messages import (
     EventMessage,
     Notify,
@@ -42,16 +41,14 @@ from agent.protocol.messages import (
     encode,
 )
 from agent.protocol.topics import Topics
-from agent.supplychain.envelope import DEFAULT_SEGMENT_SIZE, encrypt_file, new_content_key
 from agent.supplychain.identity import DevicePublicKeys
 from agent.supplychain.reports import verify_report
-from agent.supplychain.targets import EncryptionInfo, ImageTargetCustom, target_path
 from agent.transport.base import MessageProperties
 from agent.transport.mqtt import PahoTransport
 from tests.mosquitto import Mosquitto, free_port
 from tools.fleetctl.devices import assign_model, enrol_device
 from tools.fleetctl.home import FleetHome
-from tools.fleetctl.packing import image_custom_metadata, pack_model
+from tools.fleetctl.packing import pack_model
 from tools.fleetctl.reposerver import RepositoryServer
 from tools.videos import MODELS_DIR, load_digits, write_digits_video
 
@@ -159,41 +156,6 @@ class NotifySocket:
         self.sock.close()
 
 
-def pack_without_selftest(home: FleetHome, model: Path, card: Any, version: str) -> None:
-    """Pack a model whose card fails its own self-test (pack_model refuses such cards)."""
-    data = model.read_bytes()
-    card = dataclasses.replace(
-        card, version=version, sha256=hashlib.sha256(data).hexdigest(), size=len(data)
-    )
-    path = target_path(card.name, version, card.format)
-    key = new_content_key()
-    ciphertext = home.root / "bad.enc"
-    info = encrypt_file(io.BytesIO(data), ciphertext, key, segment_size=DEFAULT_SEGMENT_SIZE)
-    custom = ImageTargetCustom(
-        card=card,
-        encryption=EncryptionInfo(
-            scheme="stream-chacha20poly1305-v1",
-            segment_size=info.segment_size,
-            plaintext_sha256=info.plaintext_sha256,
-            plaintext_length=info.plaintext_length,
-        ),
-    )
-    home.image().add_target(path, ciphertext, image_custom_metadata(custom))
-    with home.registry() as registry:
-        registry.add_model(
-            name=card.name,
-            version=version,
-            format=card.format,
-            target_path=path,
-            plaintext_sha256=info.plaintext_sha256,
-            plaintext_size=info.plaintext_length,
-            ciphertext_sha256=info.ciphertext_sha256,
-            ciphertext_size=info.ciphertext_length,
-            card=card.to_dict(),
-            content_key=key,
-        )
-
-
 @pytest.fixture
 def broker(tmp_path: Path) -> Iterator[Mosquitto]:
     with Mosquitto(tmp_path / "broker") as mosquitto:
@@ -256,8 +218,17 @@ def test_daemon_installs_swaps_rejects_and_restarts_offline(
     pack_model(home, MODELS_DIR / "digits_int8.onnx", name="digits", version="2.0.0")
     card = card_from_json((MODELS_DIR / "digits_int8.onnx.card.json").read_text())
     wrong = dataclasses.replace(card.selftest[0], expected=(), expected_argmax=6)
-    bad_card = dataclasses.replace(card, name="digits", selftest=(wrong,))
-    pack_without_selftest(home, MODELS_DIR / "digits_int8.onnx", bad_card, "3.0.0")
+    bad_card = tmp_path / "bad.card.json"
+    bad_card.write_text(card_to_json(dataclasses.replace(card, selftest=(wrong,))))
+    pack_model(
+        home,
+        MODELS_DIR / "digits_int8.onnx",
+        name="digits",
+        version="3.0.0",
+        card_path=bad_card,
+        warn=lambda _message: None,
+        allow_failing_selftest=True,
+    )
     bundle = tmp_path / "bundle"
     enrol = enrol_device(home, DEVICE, out_dir=bundle)
     public = DevicePublicKeys.from_dict(

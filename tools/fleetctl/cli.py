@@ -93,6 +93,7 @@ def _cmd_model_add(args: argparse.Namespace) -> int:
         calibration=Path(args.quantize) if args.quantize else None,
         progress=_progress_printer(),
         warn=lambda message: print(message, file=sys.stderr),
+        allow_failing_selftest=args.allow_failing_selftest,
     )
     record = result.record
     quantized = result.quantized
@@ -322,6 +323,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="CALIB.npz",
         help="quantize a float ONNX model to int8 with calibration inputs 'x'"
         " (and labels 'y' to report accuracy before and after)",
+    )
+    add.add_argument(
+        "--allow-failing-selftest",
+        action="store_true",
+        help="pack even if the card's self-test fails (loud warning; devices refuse it):"
+        " for staging a broken version in rollback drills",
     )
     add.set_defaults(func=_cmd_model_add)
     lst = model_cmds.add_parser("list", help="list model versions")

@@ -99,11 +99,20 @@ def _load_runtime_model(data: bytes, fmt: str) -> tuple[Model | None, str]:
         raise PackError(f"model: expected a {fmt} model the runtime can load ({exc})") from exc
 
 
-def _run_selftest(model: Any, card: ModelCard) -> str:
+def _run_selftest(
+    model: Any, card: ModelCard, *, allow_failure: bool, warn: Callable[[str], None]
+) -> str:
     report = run_self_test(model, card)
     if not report.passed:
         failed = next(r for r in report.results if not r.passed)
-        raise PackError(f"self-test vector {failed.name!r} failed: {failed.detail}")
+        reason = f"self-test vector {failed.name!r} failed: {failed.detail}"
+        if not allow_failure:
+            raise PackError(reason)
+        warn(
+            f"WARNING: {reason}; packed anyway (--allow-failing-selftest):"
+            f" devices will refuse {card.name}@{card.version}"
+        )
+        return f"FAILED, packed anyway ({reason})"
     return f"passed ({len(report.results)} vectors)" if report.results else "no vectors"
 
 
@@ -150,12 +159,15 @@ def pack_model(
     calibration: Path | None = None,
     progress: Callable[[int, int], None] | None = None,
     warn: Callable[[str], None] = logger.warning,
+    allow_failing_selftest: bool = False,
 ) -> PackResult:
     """Pack, encrypt, sign and register ``model_path`` as NAME@VERSION.
 
     Args:
         progress: called with ``(bytes_done, bytes_total)`` while encrypting.
         warn: receives one-line warnings (e.g. no runtime installed to self-test).
+        allow_failing_selftest: pack a model whose card self-test fails (with a loud warning),
+            e.g. to stage a broken version for rollback drills; devices still refuse it.
 
     Raises:
         PackError, RegistryError, RepositoryError: one-line reasons to refuse.
@@ -209,7 +221,7 @@ def pack_model(
         selftest = f"skipped: {missing}"
         warn(f"warning: self-test skipped, no runtime for {fmt} ({missing})")
     else:
-        selftest = _run_selftest(model, card)
+        selftest = _run_selftest(model, card, allow_failure=allow_failing_selftest, warn=warn)
 
     key = new_content_key()
     image = home.image()
