@@ -8,8 +8,9 @@
 2. take the director's one target for this device and require the image repository to sign a
    target with the same path, length and hashes (a director alone cannot install anything);
 3. strictly parse both ``custom`` fields (card, encryption, grant) and cross-check them;
-4. download the ciphertext through ngclient (length and hashes verified) into ``models/``;
-5. open the grant with the device's X25519 key, decrypt in memory, check plaintext sha256/length.
+4. download the ciphertext through ngclient (length and hashes verified);
+5. open the grant with the device's X25519 key, decrypt in memory, check plaintext sha256/length,
+   and only then keep the ciphertext in ``models/``.
 
 It returns the plaintext ``bytearray`` and card; recording the install is the caller's separate
 step (:meth:`~agent.supplychain.store.DeviceState.record_install`) after its self-test.
@@ -292,6 +293,7 @@ class DeviceUpdateClient:
             info = self._image.get_targetinfo(plan.target_path)
         ciphertext_file = self.state.ciphertext_path(plan.sha256)
         data = self._cached_ciphertext(ciphertext_file, plan)
+        downloaded = data is None
         if data is None:
             self.state.models_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
             partial = self.state.models_dir / f".{plan.sha256}.download"
@@ -301,9 +303,13 @@ class DeviceUpdateClient:
                 data = partial.read_bytes()
             finally:
                 partial.unlink(missing_ok=True)
-            # ngclient verified length and hashes of what it wrote; keep exactly those bytes.
-            self._check_ciphertext(data, plan)
-            self.state.store_ciphertext(plan.sha256, data)
+            # ngclient verified the length and hashes of these bytes; they are not hashed a
+            # second time: a change since then fails decryption (AEAD tags and the signed
+            # plaintext sha256), and the store is written only after decryption succeeded.
+            if len(data) != plan.length:
+                raise errors.TargetHashError(
+                    f"target {plan.target_path!r}: expected {plan.length} bytes, got {len(data)}"
+                )
         key = open_grant(
             plan.director.grant,
             self.identity.x25519,
@@ -324,6 +330,8 @@ class DeviceUpdateClient:
             expected_plaintext_length=encryption.plaintext_length,
             expected_plaintext_sha256=encryption.plaintext_sha256,
         )
+        if downloaded:
+            self.state.store_ciphertext(plan.sha256, data)
         logger.info(
             "verified %s: %d ciphertext bytes, %d plaintext bytes",
             plan.target_path,

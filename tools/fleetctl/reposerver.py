@@ -17,7 +17,10 @@ Invariants:
       request id cannot be trusted).
 
 The handler runs on the transport's network thread; it does one bounded ``pread`` and one
-publish per request, so it stays short.
+publish per request, so it stays short. Opened files are kept (a few, least recently used
+dropped) with the device and inode they were validated with: a later request for the same path
+costs one ``lstat`` that must still name that very file (a replaced or removed file is opened and
+validated again), instead of a walk of every component per 256 KiB segment.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import logging
 import os
 import stat
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -43,6 +47,7 @@ __all__ = ["RepositoryServer", "RepositoryServerError", "ServerStats"]
 logger = logging.getLogger(__name__)
 
 _NOT_FOUND_REASON = "not found"
+_OPEN_FILES = 16  # validated descriptors kept for repeated requests
 
 
 class RepositoryServerError(FleetctlError):
@@ -111,6 +116,7 @@ class RepositoryServer:
         self._lock = threading.Lock()
         self._stats = ServerStats()
         self._started = False
+        self._files: OrderedDict[str, tuple[int, int, int]] = OrderedDict()  # fd, dev, ino
 
     def start(self) -> None:
         """Subscribe to requests (kept across reconnects by the transport)."""
@@ -123,6 +129,10 @@ class RepositoryServer:
         if self._started:
             self.transport.unsubscribe(self.filter)
             self._started = False
+        with self._lock:
+            files, self._files = self._files, OrderedDict()
+        for fd, _dev, _ino in files.values():
+            os.close(fd)
 
     def stats(self) -> ServerStats:
         """A snapshot of the counters."""
@@ -192,7 +202,7 @@ class RepositoryServer:
                 f"length {request.length}: expected at most {self.max_length}",
                 "too_large",
             )
-        fd = self._open(parts)
+        fd = self._open_validated(request.path, parts)
         try:
             total = os.fstat(fd).st_size
             if request.offset > total:
@@ -209,8 +219,44 @@ class RepositoryServer:
         except OSError as exc:
             logger.error("cannot read %s: %s", request.path, exc.strerror)
             raise _Refusal(FrameStatus.ERROR, "read failed", "errors") from exc
-        finally:
-            os.close(fd)
+
+    def _open_validated(self, path: str, parts: list[str]) -> int:
+        """A kept-open descriptor of ``root/path`` (do not close it), validated by ``_open``."""
+        with self._lock:
+            cached = self._files.get(path)
+        if cached is not None:
+            fd, dev, ino = cached
+            try:
+                now = os.lstat(self.root / path)
+            except OSError:
+                now = None
+            if (
+                now is not None
+                and stat.S_ISREG(now.st_mode)
+                and (now.st_dev, now.st_ino)
+                == (
+                    dev,
+                    ino,
+                )
+            ):
+                with self._lock:
+                    self._files.move_to_end(path)
+                return fd
+            self._drop(path)
+        fd = self._open(parts)
+        info = os.fstat(fd)
+        with self._lock:
+            self._files[path] = (fd, info.st_dev, info.st_ino)
+            evicted = self._files.popitem(last=False) if len(self._files) > _OPEN_FILES else None
+        if evicted is not None:
+            os.close(evicted[1][0])
+        return fd
+
+    def _drop(self, path: str) -> None:
+        with self._lock:
+            entry = self._files.pop(path, None)
+        if entry is not None:
+            os.close(entry[0])
 
     def _open(self, parts: list[str]) -> int:
         """Open ``root/parts`` read-only, refusing symlinks anywhere below the root."""
