@@ -27,6 +27,7 @@ Invariants:
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
 import os
 import queue
@@ -234,6 +235,10 @@ class _Download:
         self.partial = fetcher.partial_path(url)
         self.partial_fd: int | None = None
         self.unsynced = 0
+        # request ids: 8 random bytes per download and a counter (one getrandom per download,
+        # not per segment); unique among the fetcher's routes, unguessable by other clients
+        self.id_prefix = secrets.token_bytes(8)
+        self.id_counter = itertools.count()
 
     # ---- driver --------------------------------------------------------------------------------
 
@@ -324,7 +329,8 @@ class _Download:
     # ---- window --------------------------------------------------------------------------------
 
     def _new_segment(self, offset: int, length: int) -> _Segment:
-        segment = _Segment(request_id=secrets.token_bytes(16), offset=offset, length=length)
+        request_id = self.id_prefix + next(self.id_counter).to_bytes(8, "big")
+        segment = _Segment(request_id=request_id, offset=offset, length=length)
         self.segments[offset] = segment
         self.by_id[segment.request_id] = segment
         with self.fetcher._lock:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,7 @@ from tuf.ngclient.config import UpdaterConfig
 from tuf.ngclient.fetcher import FetcherInterface
 from tuf.ngclient.updater import Updater
 
+from agent.atomicio import ensure_private_dir
 from agent.modelcard import ModelCard
 from agent.supplychain import errors
 from agent.supplychain.envelope import SegmentDecryptor, decrypt_to_memory
@@ -293,23 +295,37 @@ class DeviceUpdateClient:
             info = self._image.get_targetinfo(plan.target_path)
         ciphertext_file = self.state.ciphertext_path(plan.sha256)
         data = self._cached_ciphertext(ciphertext_file, plan)
-        downloaded = data is None
-        if data is None:
-            self.state.models_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-            partial = self.state.models_dir / f".{plan.sha256}.download"
+        if data is not None:
+            plaintext = self._decrypt(plan, data)
+        else:
+            ensure_private_dir(self.state.models_dir)
+            download = self.state.models_dir / f".{plan.sha256}.download"
             try:
+                os.close(os.open(download, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600))
                 with _tuf_errors(f"image target {plan.target_path}"):
-                    self._image.download_target(info, filepath=str(partial))
-                data = partial.read_bytes()
+                    self._image.download_target(info, filepath=str(download))
+                data = download.read_bytes()
+                # ngclient verified the length and hashes of these bytes; they are not hashed a
+                # second time: a change since then fails decryption (AEAD tags and the signed
+                # plaintext sha256), and the file is kept only after decryption succeeded.
+                if len(data) != plan.length:
+                    raise errors.TargetHashError(
+                        f"target {plan.target_path!r}: expected {plan.length} bytes, got"
+                        f" {len(data)}"
+                    )
+                plaintext = self._decrypt(plan, data)
+                _keep_durably(download, ciphertext_file)
             finally:
-                partial.unlink(missing_ok=True)
-            # ngclient verified the length and hashes of these bytes; they are not hashed a
-            # second time: a change since then fails decryption (AEAD tags and the signed
-            # plaintext sha256), and the store is written only after decryption succeeded.
-            if len(data) != plan.length:
-                raise errors.TargetHashError(
-                    f"target {plan.target_path!r}: expected {plan.length} bytes, got {len(data)}"
-                )
+                download.unlink(missing_ok=True)
+        logger.info(
+            "verified %s: %d ciphertext bytes, %d plaintext bytes",
+            plan.target_path,
+            plan.length,
+            len(plaintext),
+        )
+        return VerifiedModel(plan=plan, plaintext=plaintext, ciphertext_file=ciphertext_file)
+
+    def _decrypt(self, plan: UpdatePlan, data: bytes) -> bytearray:
         key = open_grant(
             plan.director.grant,
             self.identity.x25519,
@@ -324,21 +340,12 @@ class DeviceUpdateClient:
                 f"segment 0: expected segment size {encryption.segment_size} (signed), got"
                 f" {header_segment_size} in the header"
             )
-        plaintext = decrypt_to_memory(
+        return decrypt_to_memory(
             data,
             key,
             expected_plaintext_length=encryption.plaintext_length,
             expected_plaintext_sha256=encryption.plaintext_sha256,
         )
-        if downloaded:
-            self.state.store_ciphertext(plan.sha256, data)
-        logger.info(
-            "verified %s: %d ciphertext bytes, %d plaintext bytes",
-            plan.target_path,
-            plan.length,
-            len(plaintext),
-        )
-        return VerifiedModel(plan=plan, plaintext=plaintext, ciphertext_file=ciphertext_file)
 
     def _cached_ciphertext(self, path: Path, plan: UpdatePlan) -> bytes | None:
         try:
@@ -360,3 +367,22 @@ class DeviceUpdateClient:
                 f"target {plan.target_path!r}: expected {plan.length} bytes with sha256"
                 f" {plan.sha256}, got {len(data)} bytes with sha256 {digest}"
             )
+
+
+def _keep_durably(download: Path, destination: Path) -> None:
+    """Make the file ngclient wrote the stored ciphertext: fsync, rename, fsync the directory.
+
+    The same steps as :func:`agent.atomicio.atomic_write`, without writing 20 MiB once more.
+    """
+    fd = os.open(download, os.O_RDONLY | os.O_NOFOLLOW)
+    try:
+        os.fchmod(fd, 0o600)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(download, destination)
+    fd = os.open(destination.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
