@@ -394,3 +394,38 @@ def test_predictor_applies_overrides_to_a_card() -> None:
 def test_predictor_rejects_multi_input_models() -> None:
     with pytest.raises(PredictorError, match="exactly one input tensor, got 2"):
         Predictor(EchoModel([spec((1, 2, 2, 3)), spec((1, 2))]))
+
+
+def test_gray_plan_converts_before_resizing_and_never_returns_the_frame() -> None:
+    cv2 = pytest.importorskip("cv2")
+    rng = np.random.default_rng(3)
+    frame = rng.integers(0, 256, (40, 64, 3), dtype=np.uint8)
+    plan = plan_image(
+        ImagePreprocess(color="GRAY", scale=1.0, interpolation="area"), spec((1, 5, 8, 1), "uint8")
+    )
+    tensor, geometry = plan.apply(frame)
+    gray = cv2.cvtColor(frame, cv2.COLOR_BGR2GRAY)
+    expected = cv2.resize(gray, (8, 5), interpolation=cv2.INTER_AREA)
+    np.testing.assert_array_equal(tensor.reshape(5, 8), expected)
+    assert geometry.scale == (8 / 64, 5 / 40)
+    same_size = plan_image(ImagePreprocess(color="GRAY", scale=1.0), spec((1, 2, 2, 1), "uint8"))
+    gray_frame = np.arange(4, dtype=np.uint8).reshape(2, 2)
+    out, _ = same_size.apply(gray_frame)
+    out[...] = 9
+    np.testing.assert_array_equal(gray_frame, [[0, 1], [2, 3]])
+
+
+def test_image_plan_handles_each_frame_shape_with_its_own_geometry() -> None:
+    plan = plan_image(ImagePreprocess(size=(4, 4), letterbox=True, color="RGB"), spec((1, 4, 4, 3)))
+    wide = np.zeros((2, 8, 3), dtype=np.uint8)
+    wide[..., 2] = 255  # red in BGR
+    tall = np.zeros((8, 2, 4), dtype=np.uint8)  # BGRA
+    for _ in range(2):  # the second pass reuses the compiled steps
+        tensor, geometry = plan.apply(wide)
+        assert geometry.offset == (0.0, 1.0) and geometry.scale == (0.5, 0.5)
+        np.testing.assert_allclose(tensor[0, 1, :, 0], 255.0)  # red first after BGR -> RGB
+        np.testing.assert_allclose(tensor[0, 0], 0.0)  # padding row
+        tensor, geometry = plan.apply(tall)
+        assert geometry.offset == (1.0, 0.0) and tensor.shape == (1, 4, 4, 3)
+    with pytest.raises(PreprocessError, match="channels, got 2"):
+        plan.apply(np.zeros((2, 2, 2), dtype=np.uint8))
