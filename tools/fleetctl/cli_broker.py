@@ -91,6 +91,7 @@ def mosquitto_conf_text(directory: Path, port: int) -> str:
 #                                messages are dropped (devices fetch with a bounded window)
 # max_inflight_messages {_MAX_INFLIGHT}      unacknowledged QoS 1 messages per client
 # max_packet_size {_MAX_PACKET}     1 MiB payloads (repository segments, results) plus headers
+# set_tcp_nodelay true           small packets (requests, PUBACKs) go out at once, no Nagle delay
 # acl_file                       who may read/write which topic (see that file)
 # listener {port}                  MQTT over TLS on every interface (add an address to restrict)
 # cafile                         the fleet CA: client certificates must be signed by it
@@ -114,6 +115,7 @@ persistence false
 max_queued_messages {_MAX_QUEUED}
 max_inflight_messages {_MAX_INFLIGHT}
 max_packet_size {_MAX_PACKET}
+set_tcp_nodelay true
 acl_file {d / "acl"}
 
 listener {port}
