@@ -141,9 +141,13 @@ def delivery_once(
 
 
 def fetch_only_once(
-    url: str, scratch: Path, *, host: str, port: int, window: int, segment: int
+    url: str, scratch: Path | None, *, host: str, port: int, window: int, segment: int
 ) -> tuple[float, int]:
-    """The MQTT transfer alone (no verification): ``(seconds, retries)``."""
+    """The MQTT transfer alone (no verification): ``(seconds, retries)``.
+
+    With ``scratch`` the fetcher keeps its resumable partial file there (as the daemon does);
+    with None it writes nothing of its own (ngclient's temporary file is still written).
+    """
     from agent.daemon.repofetch import MqttRepositoryFetcher  # noqa: PLC0415
     from agent.protocol.topics import Topics  # noqa: PLC0415
 
@@ -245,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
             ctl.connect()
             if not ctl.wait_subscribed(_CONNECT_TIMEOUT):
                 raise SystemExit("delivery bench: the controller could not connect")
-            deliveries, raws, fetches = [], [], []
+            deliveries, raws, fetches, bare_fetches = [], [], [], []
             phases: dict[str, list[float]] = {}
             retries = lost = 0
             length = 0
@@ -277,6 +281,11 @@ def main(argv: list[str] | None = None) -> int:
                     )
                     fetches.append(fetch_seconds)
                     retries += fetch_retried
+                    bare_seconds, bare_retried = fetch_only_once(
+                        url, None, host=host, port=port, window=args.window, segment=segment
+                    )
+                    bare_fetches.append(bare_seconds)
+                    retries += bare_retried
                     lost += raw_lost
             finally:
                 server.stop()
@@ -284,6 +293,7 @@ def main(argv: list[str] | None = None) -> int:
 
     mib = length / _MIB
     t_delivery, t_raw, t_fetch = median(deliveries), median(raws), median(fetches)
+    t_bare = median(bare_fetches)
     fetch = median(phases["fetch+verify+decrypt"])
     print_table(
         f"Model delivery over MQTT ({mib:.1f} MiB ciphertext, {broker_name}, window"
@@ -291,6 +301,7 @@ def main(argv: list[str] | None = None) -> int:
         ["transfer", "MiB/s", "s", "ratio vs raw", "lost / retried"],
         [
             ["raw paho QoS 1 publish -> subscribe", mib / t_raw, t_raw, 1.0, lost],
+            ["MQTT fetch alone, no partial file", mib / t_bare, t_bare, t_raw / t_bare, retries],
             [
                 "MQTT fetch alone (MqttRepositoryFetcher)",
                 mib / t_fetch,
