@@ -16,6 +16,8 @@ Detection boxes are mapped from model-input coordinates back to source-frame pix
 
 from __future__ import annotations
 
+import array
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -36,6 +38,7 @@ from agent.pipeline.results import (
 
 __all__ = [
     "RAW_MAX_VALUES",
+    "ClassificationPlan",
     "anomaly_payload",
     "classification_payload",
     "decode_ssd_boxes",
@@ -156,12 +159,94 @@ def classification_payload(
     outputs: Sequence[npt.NDArray[Any]], spec: ClassificationPostprocess
 ) -> ClassificationPayload:
     """Top-k classes of ``outputs[spec.output]``, flattened."""
-    scores = np.asarray(_output(outputs, spec.output, "output"), dtype=np.float32).ravel()
-    if scores.size == 0:
-        raise PostprocessError("classification: expected a non-empty score vector, got 0 values")
-    if spec.softmax:
-        scores = softmax(scores)
-    return {"top": top_k(scores, spec.top_k, spec.labels)}
+    return ClassificationPlan(spec)(outputs)
+
+
+#: score vectors up to this length are ranked in plain Python (cheaper than numpy's call overhead)
+_SMALL_VECTOR = 64
+
+
+class ClassificationPlan:
+    """A compiled classification postprocess: ``plan(outputs)`` -> the top-k payload.
+
+    Labels are resolved once per score-vector length. Ranking uses the scores themselves
+    (softmax is monotonic), the top k only (``argpartition`` for long vectors), and softmax
+    probabilities are computed for the reported classes only, from the sum over all of them.
+    Ties keep the lower index first, as :func:`top_k`.
+    """
+
+    def __init__(self, spec: ClassificationPostprocess) -> None:
+        self.output = spec.output
+        self.k = spec.top_k
+        self.softmax = spec.softmax
+        self.labels = spec.labels
+        self._names: tuple[str, ...] = ()
+
+    def _names_for(self, size: int) -> tuple[str, ...]:
+        if len(self._names) != size:
+            self._names = tuple(_label(self.labels, i) for i in range(size))
+        return self._names
+
+    def __call__(self, outputs: Sequence[npt.NDArray[Any]]) -> ClassificationPayload:
+        """The payload for one inference's outputs; raises :class:`PostprocessError`."""
+        raw = _output(outputs, self.output, "output")
+        flat = raw.ravel() if raw.dtype == np.float32 else np.asarray(raw, np.float32).ravel()
+        size = flat.size
+        if size == 0:
+            raise PostprocessError(
+                "classification: expected a non-empty score vector, got 0 values"
+            )
+        if size <= _SMALL_VECTOR:
+            values: list[float] = flat.tolist()
+            if math.isfinite(sum(values)):  # no NaN or inf: Python's sort and exp are exact here
+                return self._small(values)
+        return self._large(flat)
+
+    def _small(self, values: list[float]) -> ClassificationPayload:
+        names = self._names_for(len(values))
+        k = self.k
+        if k == 1:
+            best = max(values)
+            order = [values.index(best)]
+        else:  # stable: equal scores keep the lower index first
+            order = sorted(range(len(values)), key=values.__getitem__, reverse=True)[:k]
+        if self.softmax:
+            peak = max(values)
+            total = math.fsum([math.exp(v - peak) for v in values])
+            # through float32, as the full softmax vector would be
+            probabilities = array.array("f", [math.exp(values[i] - peak) / total for i in order])
+            scores = [round(p, _SCORE_DIGITS) for p in probabilities.tolist()]
+        else:
+            scores = [round(values[i], _SCORE_DIGITS) for i in order]
+        return {
+            "top": [
+                {"index": i, "label": names[i], "score": score}
+                for i, score in zip(order, scores, strict=True)
+            ]
+        }
+
+    def _large(self, flat: FloatArray) -> ClassificationPayload:
+        names = self._names_for(flat.size)
+        k = min(self.k, flat.size)
+        negated = -flat
+        kth = np.partition(negated, k - 1)[k - 1]
+        if np.isnan(kth):
+            order = np.argsort(negated, kind="stable")[:k]
+        else:  # every score tied with the k-th one, in index order, then the best k of them
+            candidates = np.flatnonzero(negated <= kth)
+            order = candidates[np.argsort(negated[candidates], kind="stable")[:k]]
+        reported = flat[order]
+        if self.softmax:
+            x = flat.astype(np.float64)
+            peak = x.max()
+            total = np.exp(x - peak).sum()
+            reported = (np.exp(reported.astype(np.float64) - peak) / total).astype(np.float32)
+        return {
+            "top": [
+                {"index": int(i), "label": names[int(i)], "score": _round(score)}
+                for i, score in zip(order.tolist(), reported, strict=True)
+            ]
+        }
 
 
 def _detections(

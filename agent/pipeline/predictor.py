@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -35,8 +35,8 @@ from agent.modelcard import (
 )
 from agent.pipeline.anchors import generate_ssd_anchors
 from agent.pipeline.postprocess import (
+    ClassificationPlan,
     anomaly_payload,
-    classification_payload,
     detection_payload,
     raw_payload,
 )
@@ -58,9 +58,11 @@ _TENSOR_DTYPES = ("float32", "float16", "int8", "uint8", "int16", "int32", "int6
 _IMAGE_ONLY = ("size", "color", "scale", "interpolation", "letterbox")
 
 
-@dataclass(frozen=True)
-class Prepared:
-    """A preprocessed sample: the tensors for :meth:`Model.run` and how to map boxes back."""
+class Prepared(NamedTuple):
+    """A preprocessed sample: the tensors for :meth:`Model.run` and how to map boxes back.
+
+    A named tuple: built once per frame, so it is kept as cheap as possible.
+    """
 
     tensors: list[npt.NDArray[Any]]
     geometry: FrameGeometry | None  # None for sensor windows
@@ -227,6 +229,11 @@ class Predictor:
             if post.layout == "ssd_anchors" and post.anchors is not None:
                 self._anchors = generate_ssd_anchors(post.anchors)
         self._check_output_indexes()
+        self._classify = (
+            ClassificationPlan(post) if isinstance(post, ClassificationPostprocess) else None
+        )
+        self._image_plan = self._plan if isinstance(self._plan, ImagePlan) else None
+        self._sensor_plan = self._plan if isinstance(self._plan, SensorPlan) else None
         logger.debug(
             "predictor for %s %s: %s preprocess (%s input), %s postprocess",
             card.name,
@@ -272,10 +279,11 @@ class Predictor:
 
     def preprocess(self, sample: npt.NDArray[Any]) -> Prepared:
         """Image: HxWx3 uint8 BGR or HxW gray; sensor: ``(window, channels)`` float32."""
-        if isinstance(self._plan, ImagePlan):
-            tensor, geometry = self._plan.apply(sample)
+        if self._image_plan is not None:
+            tensor, geometry = self._image_plan.apply(sample)
             return Prepared([tensor], geometry)
-        return Prepared([self._plan.apply(np.asarray(sample))], None)
+        assert self._sensor_plan is not None  # the constructor set one of the two plans
+        return Prepared([self._sensor_plan.apply(np.asarray(sample))], None)
 
     def infer(self, prepared: Prepared) -> list[npt.NDArray[Any]]:
         """Run the model on prepared tensors; runtime errors pass through unchanged."""
@@ -283,11 +291,11 @@ class Predictor:
 
     def postprocess(self, outputs: list[npt.NDArray[Any]], prepared: Prepared) -> dict[str, Any]:
         """Turn outputs into the card's JSON-ready payload."""
+        if self._classify is not None:
+            return cast("dict[str, Any]", self._classify(outputs))  # a fresh dict per call
         post = self.card.postprocess
         payload: Any
-        if isinstance(post, ClassificationPostprocess):
-            payload = classification_payload(outputs, post)
-        elif isinstance(post, DetectionPostprocess):
+        if isinstance(post, DetectionPostprocess):
             payload = detection_payload(outputs, post, prepared.geometry, self._anchors)
         elif isinstance(post, AnomalyPostprocess):
             payload = anomaly_payload(outputs, post)

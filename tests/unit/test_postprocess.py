@@ -23,6 +23,7 @@ from agent.modelcard import (
 from agent.pipeline.anchors import generate_ssd_anchors
 from agent.pipeline.postprocess import (
     RAW_MAX_VALUES,
+    ClassificationPlan,
     anomaly_payload,
     classification_payload,
     decode_ssd_boxes,
@@ -95,6 +96,41 @@ def test_classification_payload_flattens_and_softmaxes() -> None:
     }
     with pytest.raises(PostprocessError, match="expected an output index below 2, got 5"):
         classification_payload(outputs, ClassificationPostprocess(output=5))
+
+
+@pytest.mark.parametrize("size", [1, 3, 10, 64, 65, 1000])
+@pytest.mark.parametrize("k", [1, 3, 100])
+@pytest.mark.parametrize("use_softmax", [False, True])
+def test_classification_plan_matches_the_full_softmax_and_sort(
+    size: int, k: int, use_softmax: bool
+) -> None:
+    rng = np.random.default_rng(size * 1000 + k)
+    labels = tuple(f"c{i}" for i in range(size // 2))  # the rest fall back to the index
+    spec = ClassificationPostprocess(top_k=k, softmax=use_softmax, labels=labels)
+    plan = ClassificationPlan(spec)
+    for logits in (
+        rng.normal(0.0, 4.0, size).astype(np.float32),
+        np.round(rng.normal(0.0, 1.0, size)).astype(np.float32),  # many ties
+    ):
+        scores = softmax(logits) if use_softmax else logits
+        expected = top_k(scores, k, labels)
+        got = plan([logits.reshape(1, -1)])["top"]
+        assert [(c["index"], c["label"]) for c in got] == [
+            (c["index"], c["label"]) for c in expected
+        ]
+        np.testing.assert_allclose(
+            [c["score"] for c in got], [c["score"] for c in expected], atol=2e-6
+        )
+
+
+def test_classification_plan_ranks_nan_last_and_converts_other_dtypes() -> None:
+    plan = ClassificationPlan(ClassificationPostprocess(top_k=3))
+    got = plan([np.array([0.5, np.nan, 0.7, 0.1], np.float32)])["top"]
+    assert [c["index"] for c in got] == [2, 0, 3]
+    doubles = plan([np.array([[1, 3, 2]], np.int64)])["top"]
+    assert [(c["index"], c["score"]) for c in doubles] == [(1, 3.0), (2, 2.0), (0, 1.0)]
+    with pytest.raises(PostprocessError, match="non-empty score vector"):
+        plan([np.zeros((1, 0), np.float32)])
 
 
 # --- detection: sigmoid, IoU, NMS, decoding ------------------------------------------------------
