@@ -8,7 +8,7 @@ In one run, on one broker (mosquitto if installed, else the embedded broker):
   ngclient), fetch over :class:`~agent.daemon.repofetch.MqttRepositoryFetcher` (served by
   :class:`~tools.fleetctl.reposerver.RepositoryServer`), verify, unseal, decrypt, load, self-test
   and activate (record the install);
-* **raw**: the same ciphertext bytes as 256 KiB QoS 1 messages from a bare paho publisher with
+* **raw**: the same ciphertext bytes as segment-sized QoS 1 messages from a bare paho publisher with
   the same window (``max_inflight``) to a bare paho subscriber: what the broker and the client
   library can do with no protocol on top. (The benchmark talks to paho directly on purpose; the
   product only does through ``agent.transport.mqtt``.)
@@ -217,7 +217,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size-mib", type=int, default=20, help="model size (default 20 MiB)")
     parser.add_argument("--runs", type=int, default=3, help="repetitions (median reported)")
     parser.add_argument("--window", type=int, default=8, help="requests in flight")
-    parser.add_argument("--segment-kib", type=int, default=256, help="segment size in KiB")
+    parser.add_argument(
+        "--segment-kib",
+        type=int,
+        default=512,
+        help="segment size in KiB (default 512, as edge-agent daemon requests)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     segment = args.segment_kib * 1024
