@@ -116,6 +116,7 @@ class RepositoryServer:
         self._lock = threading.Lock()
         self._stats = ServerStats()
         self._started = False
+        self._files_lock = threading.Lock()
         self._files: OrderedDict[str, tuple[int, int, int]] = OrderedDict()  # fd, dev, ino
 
     def start(self) -> None:
@@ -129,10 +130,10 @@ class RepositoryServer:
         if self._started:
             self.transport.unsubscribe(self.filter)
             self._started = False
-        with self._lock:
-            files, self._files = self._files, OrderedDict()
-        for fd, _dev, _ino in files.values():
-            os.close(fd)
+        with self._files_lock:
+            for fd, _dev, _ino in self._files.values():
+                os.close(fd)
+            self._files.clear()
 
     def stats(self) -> ServerStats:
         """A snapshot of the counters."""
@@ -202,61 +203,49 @@ class RepositoryServer:
                 f"length {request.length}: expected at most {self.max_length}",
                 "too_large",
             )
-        fd = self._open_validated(request.path, parts)
-        try:
-            total = os.fstat(fd).st_size
-            if request.offset > total:
-                raise _Refusal(
-                    FrameStatus.ERROR,
-                    f"offset {request.offset}: expected at most the file's {total} bytes",
-                    "errors",
-                )
-            want = min(request.length, total - request.offset)
-            data = os.pread(fd, want, request.offset) if want else b""
-            if len(data) != want:
-                raise _Refusal(FrameStatus.ERROR, "file changed while reading", "errors")
-            return total, data
-        except OSError as exc:
-            logger.error("cannot read %s: %s", request.path, exc.strerror)
-            raise _Refusal(FrameStatus.ERROR, "read failed", "errors") from exc
+        # One lock across lookup and read: a kept descriptor is never closed (and its number
+        # reused for another file) while a concurrent handler reads through it.
+        with self._files_lock:
+            fd = self._open_validated(request.path, parts)
+            try:
+                total = os.fstat(fd).st_size
+                if request.offset > total:
+                    raise _Refusal(
+                        FrameStatus.ERROR,
+                        f"offset {request.offset}: expected at most the file's {total} bytes",
+                        "errors",
+                    )
+                want = min(request.length, total - request.offset)
+                data = os.pread(fd, want, request.offset) if want else b""
+                if len(data) != want:
+                    raise _Refusal(FrameStatus.ERROR, "file changed while reading", "errors")
+                return total, data
+            except OSError as exc:
+                logger.error("cannot read %s: %s", request.path, exc.strerror)
+                raise _Refusal(FrameStatus.ERROR, "read failed", "errors") from exc
 
     def _open_validated(self, path: str, parts: list[str]) -> int:
-        """A kept-open descriptor of ``root/path`` (do not close it), validated by ``_open``."""
-        with self._lock:
-            cached = self._files.get(path)
+        """A kept descriptor of ``root/path`` validated by ``_open``; hold ``_files_lock``."""
+        cached = self._files.get(path)
         if cached is not None:
             fd, dev, ino = cached
             try:
                 now = os.lstat(self.root / path)
+                same = stat.S_ISREG(now.st_mode) and (now.st_dev, now.st_ino) == (dev, ino)
             except OSError:
-                now = None
-            if (
-                now is not None
-                and stat.S_ISREG(now.st_mode)
-                and (now.st_dev, now.st_ino)
-                == (
-                    dev,
-                    ino,
-                )
-            ):
-                with self._lock:
-                    self._files.move_to_end(path)
+                same = False
+            if same:
+                self._files.move_to_end(path)
                 return fd
-            self._drop(path)
+            del self._files[path]
+            os.close(fd)
         fd = self._open(parts)
         info = os.fstat(fd)
-        with self._lock:
-            self._files[path] = (fd, info.st_dev, info.st_ino)
-            evicted = self._files.popitem(last=False) if len(self._files) > _OPEN_FILES else None
-        if evicted is not None:
-            os.close(evicted[1][0])
+        self._files[path] = (fd, info.st_dev, info.st_ino)
+        if len(self._files) > _OPEN_FILES:
+            _path, (evicted, _dev, _ino) = self._files.popitem(last=False)
+            os.close(evicted)
         return fd
-
-    def _drop(self, path: str) -> None:
-        with self._lock:
-            entry = self._files.pop(path, None)
-        if entry is not None:
-            os.close(entry[0])
 
     def _open(self, parts: list[str]) -> int:
         """Open ``root/parts`` read-only, refusing symlinks anywhere below the root."""
