@@ -99,20 +99,11 @@ def _load_runtime_model(data: bytes, fmt: str) -> tuple[Model | None, str]:
         raise PackError(f"model: expected a {fmt} model the runtime can load ({exc})") from exc
 
 
-def _run_selftest(
-    model: Any, card: ModelCard, *, allow_failure: bool, warn: Callable[[str], None]
-) -> str:
+def _run_selftest(model: Any, card: ModelCard) -> str:
     report = run_self_test(model, card)
     if not report.passed:
         failed = next(r for r in report.results if not r.passed)
-        reason = f"self-test vector {failed.name!r} failed: {failed.detail}"
-        if not allow_failure:
-            raise PackError(reason)
-        warn(
-            f"WARNING: {reason}; packed anyway (--allow-failing-selftest):"
-            f" devices will refuse {card.name}@{card.version}"
-        )
-        return f"FAILED, packed anyway ({reason})"
+        raise PackError(f"self-test vector {failed.name!r} failed: {failed.detail}")
     return f"passed ({len(report.results)} vectors)" if report.results else "no vectors"
 
 
@@ -221,7 +212,16 @@ def pack_model(
         selftest = f"skipped: {missing}"
         warn(f"warning: self-test skipped, no runtime for {fmt} ({missing})")
     else:
-        selftest = _run_selftest(model, card, allow_failure=allow_failing_selftest, warn=warn)
+        try:
+            selftest = _run_selftest(model, card)
+        except PackError as exc:
+            if not allow_failing_selftest:
+                raise
+            warn(
+                f"WARNING: {exc}; packed anyway (--allow-failing-selftest):"
+                f" devices will refuse {card.name}@{card.version}"
+            )
+            selftest = f"FAILED, packed anyway ({exc})"
 
     key = new_content_key()
     image = home.image()
