@@ -1,6 +1,14 @@
 """The real-time frame loop: capture thread, inference worker, stage histograms, model swap.
 
-Capture runs in its own thread and hands samples to the worker through a mailbox. In real-time
+Where frames are read (``capture``): in real-time mode always on a capture thread (the worker
+gets the freshest frame). Otherwise, by default (``"auto"``), the worker itself reads the first
+frames and measures decoding against its own processing (median over :data:`_PROBE_FRAMES`);
+it starts a capture thread only when :func:`overlap_pays` (both steps cost at least
+:data:`OVERLAP_MIN_NS` and a second core exists): overlapping saves at most the cheaper step,
+and two threads trading the GIL every frame cost more than that for cheap decodes. Otherwise it
+keeps reading inline: no hand-off at all.
+
+The capture thread hands samples to the worker through a mailbox. In real-time
 mode (the default for live sources) the mailbox has one slot and keeps only the newest sample: a
 newer one replaces an unconsumed one and the replaced one is counted as dropped. Otherwise
 (the default for files, so every frame is processed) the mailbox is a short queue (up to 32
@@ -28,11 +36,13 @@ from __future__ import annotations
 
 import collections
 import logging
+import os
+import statistics
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple, Protocol
+from typing import Any, Literal, NamedTuple, Protocol
 
 import numpy.typing as npt
 
@@ -40,13 +50,16 @@ from agent.pipeline.histogram import LatencyHistogram
 from agent.pipeline.sources import Sample, Source, SourceError
 
 __all__ = [
+    "OVERLAP_MIN_NS",
     "QUEUE_BYTES",
     "STAGES",
+    "CaptureMode",
     "FrameLoop",
     "FramePredictor",
     "FrameResult",
     "LoopStats",
     "ResultSink",
+    "overlap_pays",
 ]
 
 logger = logging.getLogger(__name__)
@@ -58,6 +71,26 @@ QUEUE_BYTES = 8 * 1024 * 1024
 _WAKE_BATCH = 8
 _IDLE_WAKE_S = 0.001
 _BATCH_WAIT_S = 0.02
+#: frames (after the first) the ``auto`` capture mode measures before it decides
+_PROBE_FRAMES = 16
+#: a capture thread saves at most min(decode, processing) per frame and costs GIL hand-offs
+#: between the two threads (measured 40-50 us a frame on a 2-core machine): below this, the
+#: worker reads inline
+OVERLAP_MIN_NS = 250_000
+
+CaptureMode = Literal["auto", "thread", "inline"]
+
+
+def overlap_pays(read_ns: float, process_ns: float, cores: int | None = None) -> bool:
+    """Whether a capture thread beats reading inline, from median per-frame costs.
+
+    Overlapping decoding with inference saves ``min(read, process)`` per frame at best; it needs
+    a second core and pays the hand-offs between the threads, so it is used only when both
+    steps cost at least :data:`OVERLAP_MIN_NS`.
+    """
+    if cores is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return (cores or 1) >= 2 and min(read_ns, process_ns) >= OVERLAP_MIN_NS
 
 
 class FramePredictor(Protocol):
@@ -241,6 +274,7 @@ class FrameLoop:
         realtime: bool | None = None,
         max_frames: int | None = None,
         queue_depth: int = 32,
+        capture: CaptureMode = "auto",
     ) -> None:
         """Args:
         source: opened by :meth:`start` if it is not yet.
@@ -251,6 +285,10 @@ class FrameLoop:
         queue_depth: mailbox slots in non-real-time mode (fewer for large frames: the
             queued samples stay within :data:`QUEUE_BYTES`). A deep queue lets capture and
             inference hand over frames in batches, which costs far less than one by one.
+        capture: where frames are read in non-real-time mode: ``"thread"`` (a capture thread
+            overlapping decoding with inference), ``"inline"`` (the worker reads them itself:
+            no hand-off), or ``"auto"`` (inline for the first frames, then a capture thread
+            when :func:`overlap_pays`). Real-time mode always uses a capture thread.
         """
         self.source = source
         self.sink = sink
@@ -269,6 +307,11 @@ class FrameLoop:
         self._stop = threading.Event()
         self._done = threading.Event()
         self._threads: list[threading.Thread] = []
+        #: "thread" or "inline" once decided; "auto" while the first frames are measured
+        self.capture_mode: CaptureMode = "thread" if self.realtime else capture
+        hist = self._stats.histograms
+        self._histograms = tuple(hist[stage] for stage in STAGES)
+        self._record_lock = self._histograms[0].lock
 
     @property
     def stats(self) -> LoopStats:
@@ -286,12 +329,15 @@ class FrameLoop:
             raise RuntimeError("FrameLoop.start: expected a loop not started yet")
         self.source.open()
         self._stats.started = time.perf_counter()
-        self._threads = [
-            threading.Thread(target=self._capture, name="edge-capture", daemon=True),
-            threading.Thread(target=self._work, name="edge-infer", daemon=True),
-        ]
-        for thread in self._threads:
-            thread.start()
+        worker = threading.Thread(target=self._work, name="edge-infer", daemon=True)
+        self._threads.append(worker)
+        try:
+            worker.start()
+        except BaseException:
+            # e.g. Ctrl-C while the thread starts: the caller never gets to stop() the loop,
+            # and a daemon thread left inside native code at exit aborts the interpreter
+            self.stop()
+            raise
 
     def wait(self, timeout: float | None = None) -> bool:
         """Wait until the source ended and every frame was processed (or max_frames reached)."""
@@ -303,7 +349,7 @@ class FrameLoop:
         self.source.interrupt()
         self._mailbox.close(discard=True)
         deadline = time.monotonic() + timeout
-        for thread in self._threads:
+        for thread in list(self._threads):  # the worker may add the capture thread meanwhile
             thread.join(max(0.0, deadline - time.monotonic()))
         if not self._stats.ended:
             self._stats.ended = time.perf_counter()
@@ -349,110 +395,173 @@ class FrameLoop:
                 self._swap_waiting -= 1
         return old
 
-    def _capture(self) -> None:
+    def _capture(self, index: int) -> None:
         source, mailbox, stats, stop = self.source, self._mailbox, self._stats, self._stop
         pace = 1.0 / source.fps if self.realtime and not source.live and source.fps else 0.0
         limit = None if self.realtime else self.max_frames
         perf_ns, wall_time = time.perf_counter_ns, time.time
-        index = 0
+        first = True
         next_due = time.monotonic()
         try:
             while not stop.is_set():
+                if limit is not None and index >= limit:
+                    break
                 sample = source.read()
                 if sample is None:
                     break
                 captured = _Captured(index, perf_ns(), wall_time(), sample)
-                if index == 0:
+                if first:
                     mailbox.limit_depth(QUEUE_BYTES // max(1, getattr(sample, "nbytes", 1)))
+                    first = False
                 stats.frames_in += 1
                 if not mailbox.put(captured):
                     break
                 index += 1
-                if limit is not None and index >= limit:
-                    break
                 if pace:
                     next_due += pace
                     if stop.wait(max(0.0, next_due - time.monotonic())):
                         break
-        except SourceError as exc:
-            self.failure = str(exc)
-            logger.error("%s: %s", source.describe(), exc)
         except Exception as exc:
-            self.failure = f"{source.describe()}: {exc!r}"
-            logger.exception("%s: capture failed", source.describe())
+            self._capture_failed(exc)
         finally:
             mailbox.close()
 
+    def _capture_failed(self, exc: Exception) -> None:
+        source = self.source
+        if isinstance(exc, SourceError):
+            self.failure = str(exc)
+            logger.error("%s: %s", source.describe(), exc)
+        else:
+            self.failure = f"{source.describe()}: {exc!r}"
+            logger.error("%s: capture failed", source.describe(), exc_info=exc)
+
     def _work(self) -> None:
-        stats, mailbox, ref_cond, stop = self._stats, self._mailbox, self._ref_cond, self._stop
-        hist = stats.histograms
-        histograms = (
-            hist["wait"],
-            hist["preprocess"],
-            hist["invoke"],
-            hist["postprocess"],
-            hist["overhead"],
-            hist["total"],
-        )
-        record_lock = histograms[0].lock
-        perf_ns = time.perf_counter_ns
+        capture: threading.Thread | None = None
         try:
-            while not stop.is_set():
-                batch = mailbox.take_all()
-                if not batch:
-                    break
-                for item in batch:
-                    if stop.is_set():
-                        break
-                    taken = perf_ns()
-                    with ref_cond:
-                        predictor = self._predictor
-                        self._active = predictor
-                    try:
-                        t0 = perf_ns()
-                        prepared = predictor.preprocess(item.sample)
-                        t1 = perf_ns()
-                        outputs = predictor.infer(prepared)
-                        t2 = perf_ns()
-                        payload = predictor.postprocess(outputs, prepared)
-                        t3 = perf_ns()
-                    except Exception as exc:
-                        self._inference_failed(item.frame, exc)
-                        continue
-                    finally:
-                        with ref_cond:
-                            self._active = None
-                            if self._swap_waiting:
-                                ref_cond.notify_all()
-                    captured = item.captured_ns
-                    result = FrameResult(item.frame, item.wall, (t3 - captured) / 1e6, payload)
-                    try:
-                        self.sink(result)
-                    except Exception:
-                        stats.sink_errors += 1
-                        logger.exception("result sink failed on frame %d", item.frame)
-                    stats.results_out += 1
-                    t4 = perf_ns()
-                    values = (
-                        taken - captured,
-                        t1 - t0,
-                        t2 - t1,
-                        t3 - t2,
-                        (t4 - taken) - (t2 - t0),
-                        t3 - captured,
-                    )
-                    with record_lock:
-                        for histogram, value in zip(histograms, values, strict=True):
-                            histogram.add(value)
-                    if self.max_frames is not None and stats.results_out >= self.max_frames:
-                        stop.set()
-                        break
+            if self.capture_mode == "thread":
+                capture = self._start_capture(0)
+            else:
+                next_index = self._work_inline()
+                if next_index is None:
+                    return
+                capture = self._start_capture(next_index)
+            self._work_mailbox()
         finally:
             self._stats.ended = time.perf_counter()
-            stop.set()
+            self._stop.set()
             self.source.interrupt()
-            mailbox.close(discard=True)
+            self._mailbox.close(discard=True)
+            if capture is not None:
+                capture.join(_JOIN_SECONDS)
             self._done.set()
+
+    def _start_capture(self, index: int) -> threading.Thread:
+        thread = threading.Thread(
+            target=self._capture, args=(index,), name="edge-capture", daemon=True
+        )
+        self._threads.append(thread)  # before it starts: stop() joins every listed thread
+        thread.start()
+        return thread
+
+    def _work_inline(self) -> int | None:
+        """Read and process on this thread; returns the next frame index when capture should
+        move to its own thread (the ``auto`` rule decided decoding is worth overlapping),
+        None when the loop is over."""
+        source, stats, stop = self.source, self._stats, self._stop
+        perf_ns, wall_time = time.perf_counter_ns, time.time
+        limit = self.max_frames
+        probing = self.capture_mode == "auto"
+        reads: list[int] = []
+        works: list[int] = []
+        index = 0
+        while not stop.is_set():
+            if limit is not None and index >= limit:
+                return None
+            try:
+                before = perf_ns()
+                sample = source.read()
+                captured = perf_ns()
+            except Exception as exc:
+                self._capture_failed(exc)
+                return None
+            if sample is None:
+                return None
+            stats.frames_in += 1
+            if self._process(_Captured(index, captured, wall_time(), sample), captured):
+                return None
+            index += 1
+            if probing and index > 1:  # frame 0 was decoded by open()
+                reads.append(captured - before)
+                works.append(perf_ns() - captured)
+                if len(reads) == _PROBE_FRAMES:
+                    probing = False
+                    if overlap_pays(statistics.median(reads), statistics.median(works)):
+                        self.capture_mode = "thread"
+                        logger.info(
+                            "%s: decoding %.0f us, processing %.0f us a frame: capture thread",
+                            source.describe(),
+                            statistics.median(reads) / 1e3,
+                            statistics.median(works) / 1e3,
+                        )
+                        return index
+                    self.capture_mode = "inline"
+        return None
+
+    def _work_mailbox(self) -> None:
+        mailbox, stop = self._mailbox, self._stop
+        perf_ns = time.perf_counter_ns
+        while not stop.is_set():
+            batch = mailbox.take_all()
+            if not batch:
+                break
+            for item in batch:
+                if stop.is_set() or self._process(item, perf_ns()):
+                    return
+
+    def _process(self, item: _Captured, taken: int) -> bool:
+        """Run one sample through the current predictor and deliver the result; True once
+        ``max_frames`` results are out."""
+        ref_cond, stats = self._ref_cond, self._stats
+        perf_ns = time.perf_counter_ns
+        with ref_cond:
+            predictor = self._predictor
+            self._active = predictor
+        try:
+            t0 = perf_ns()
+            prepared = predictor.preprocess(item.sample)
+            t1 = perf_ns()
+            outputs = predictor.infer(prepared)
+            t2 = perf_ns()
+            payload = predictor.postprocess(outputs, prepared)
+            t3 = perf_ns()
+        except Exception as exc:
+            self._inference_failed(item.frame, exc)
+            return False
+        finally:
+            with ref_cond:
+                self._active = None
+                if self._swap_waiting:
+                    ref_cond.notify_all()
+        captured = item.captured_ns
+        try:
+            self.sink(FrameResult(item.frame, item.wall, (t3 - captured) / 1e6, payload))
+        except Exception:
+            stats.sink_errors += 1
+            logger.exception("result sink failed on frame %d", item.frame)
+        stats.results_out += 1
+        t4 = perf_ns()
+        wait, pre, invoke, post, overhead, total = self._histograms
+        with self._record_lock:
+            wait.add(taken - captured)
+            pre.add(t1 - t0)
+            invoke.add(t2 - t1)
+            post.add(t3 - t2)
+            overhead.add((t4 - taken) - (t2 - t0))
+            total.add(t3 - captured)
+        if self.max_frames is not None and stats.results_out >= self.max_frames:
+            self._stop.set()
+            return True
+        return False
 
     def _inference_failed(self, index: int, exc: Exception) -> None:
         self.last_error = f"{type(exc).__name__}: {exc}"

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from agent.modelcard import card_from_json
-from agent.pipeline.loop import FrameLoop, FrameResult
+from agent.pipeline.loop import CaptureMode, FrameLoop, FrameResult
 from agent.pipeline.predictor import Predictor
 from agent.pipeline.sources import VideoFileSource
 from agent.runtime import load_model
@@ -41,13 +41,16 @@ class Tagged:
         return {**payload, "tags": [pre_tag, infer_tag, self.tag]}
 
 
-def test_swapping_models_mid_video_loses_no_frame(tmp_path: Path) -> None:
+@pytest.mark.parametrize("capture", ["auto", "thread", "inline"])
+def test_swapping_models_mid_video_loses_no_frame(tmp_path: Path, capture: CaptureMode) -> None:
     images, labels = load_digits()
     count = 300
     video = write_digits_video(tmp_path / "digits.avi", images, count=count)
     tflite, onnx = Tagged("digits_int8.tflite"), Tagged("digits_int8.onnx")
     results: list[FrameResult] = []
-    loop = FrameLoop(VideoFileSource(video), tflite, results.append, realtime=False)
+    loop = FrameLoop(
+        VideoFileSource(video), tflite, results.append, realtime=False, capture=capture
+    )
     loop.start()
     swaps = 0
     while not loop.wait(0):

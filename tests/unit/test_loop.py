@@ -9,12 +9,14 @@ from typing import Any
 import numpy as np
 import pytest
 
-from agent.pipeline.loop import STAGES, FrameLoop, FrameResult
+from agent.pipeline import loop as loop_module
+from agent.pipeline.loop import STAGES, CaptureMode, FrameLoop, FrameResult, overlap_pays
 from agent.pipeline.sources import Sample, Source, SourceError
 
 pytestmark = pytest.mark.inference
 
 WAIT = 10.0  # generous upper bound for events; tests finish in milliseconds
+MODES: tuple[CaptureMode, ...] = ("auto", "thread", "inline")
 
 
 class ListSource(Source):
@@ -108,10 +110,11 @@ def _collect() -> tuple[list[FrameResult], Any]:
     return results, results.append
 
 
-def test_file_mode_processes_every_frame_in_order() -> None:
+@pytest.mark.parametrize("capture", MODES)
+def test_file_mode_processes_every_frame_in_order(capture: CaptureMode) -> None:
     results, sink = _collect()
     source = ListSource(200)
-    stats = FrameLoop(source, TagPredictor("a"), sink).run()
+    stats = FrameLoop(source, TagPredictor("a"), sink, capture=capture).run()
     assert [r.frame for r in results] == list(range(200))
     assert [r.payload["value"] for r in results] == list(range(200))
     assert stats.frames_in == stats.results_out == 200
@@ -143,9 +146,11 @@ def test_live_sources_default_to_realtime_and_files_do_not() -> None:
     assert not FrameLoop(ListSource(1), TagPredictor("a"), print).realtime
 
 
-def test_max_frames_stops_after_that_many_results() -> None:
+@pytest.mark.parametrize("capture", MODES)
+def test_max_frames_stops_after_that_many_results(capture: CaptureMode) -> None:
     results, sink = _collect()
-    stats = FrameLoop(ListSource(100), TagPredictor("a"), sink, max_frames=7).run()
+    loop = FrameLoop(ListSource(100), TagPredictor("a"), sink, max_frames=7, capture=capture)
+    stats = loop.run()
     assert [r.frame for r in results] == list(range(7))
     assert stats.results_out == 7
 
@@ -172,15 +177,19 @@ def test_sink_errors_are_counted_not_fatal() -> None:
     assert stats.sink_errors == 1
 
 
-def test_source_failure_ends_the_run_and_is_reported() -> None:
+@pytest.mark.parametrize("capture", MODES)
+def test_source_failure_ends_the_run_and_is_reported(capture: CaptureMode) -> None:
     results, sink = _collect()
-    loop = FrameLoop(ListSource(10, fail_at=4), TagPredictor("a"), sink)
+    loop = FrameLoop(ListSource(10, fail_at=4), TagPredictor("a"), sink, capture=capture)
     loop.run()
     assert [r.frame for r in results] == [0, 1, 2, 3]
     assert loop.failure is not None and "device went away" in loop.failure
 
 
-def test_swap_takes_effect_at_a_frame_boundary() -> None:
+@pytest.mark.parametrize("capture", [*MODES, "auto-switching"])
+def test_swap_takes_effect_at_a_frame_boundary(
+    capture: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     results: list[FrameResult] = []
     swapped = threading.Event()
     loop: FrameLoop
@@ -189,7 +198,10 @@ def test_swap_takes_effect_at_a_frame_boundary() -> None:
         results.append(result)
 
     first, second = TagPredictor("first"), TagPredictor("second")
-    loop = FrameLoop(ListSource(2000), first, sink)
+    if capture == "auto-switching":  # every source counts as decode-heavy: a capture thread
+        monkeypatch.setattr(loop_module, "OVERLAP_MIN_NS", 0)
+    mode: CaptureMode = "auto" if capture == "auto-switching" else capture  # type: ignore[assignment]
+    loop = FrameLoop(ListSource(2000), first, sink, capture=mode)
     loop.start()
     tags = ["first", "second"]
     swaps = 0
@@ -268,3 +280,31 @@ def test_source_counters_are_read_live() -> None:
     source.errors += 1
     assert stats.source_errors == 3
     assert stats.as_dict()["malformed"] == 7
+
+
+def test_capture_thread_only_when_both_steps_are_slow_and_a_second_core_exists() -> None:
+    slow = loop_module.OVERLAP_MIN_NS
+    assert overlap_pays(3 * slow, slow, cores=2)
+    assert not overlap_pays(3 * slow, slow, cores=1)
+    assert not overlap_pays(100 * slow, slow - 1, cores=4)  # little to overlap
+    assert not overlap_pays(slow - 1, 100 * slow, cores=4)
+
+
+@pytest.mark.parametrize("threshold", [0, 10**12])
+def test_auto_capture_measures_the_first_frames_then_keeps_every_frame_in_order(
+    threshold: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(loop_module, "OVERLAP_MIN_NS", threshold)
+    results, sink = _collect()
+    loop = FrameLoop(ListSource(300), TagPredictor("a"), sink)
+    assert loop.capture_mode == "auto"
+    stats = loop.run()
+    expected = "thread" if threshold == 0 and overlap_pays(1, 1) else "inline"
+    assert loop.capture_mode == expected
+    assert [r.frame for r in results] == list(range(300))
+    assert stats.frames_in == stats.results_out == 300
+
+
+def test_realtime_always_captures_on_its_own_thread() -> None:
+    loop = FrameLoop(ListSource(3), TagPredictor("a"), print, realtime=True, capture="inline")
+    assert loop.capture_mode == "thread"
