@@ -66,5 +66,9 @@ def test_new_assignments_are_notified_once_and_old_ones_never(tmp_path: Path) ->
         assert done.wait(5.0)
         assert sorted(received) == ["pi-02", "pi-03"]
         assert service.notify_new_assignments() == []
+        # A device the rollout engine already nudged is not nudged twice for the same change.
+        assign_model(home, "pi-01", "digits", "2")
+        service.notify_director_changed("pi-01")
+        assert service.notify_new_assignments() == []
     finally:
         service.store.close()

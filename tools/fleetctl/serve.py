@@ -126,6 +126,7 @@ class ControllerService:
         self.inbox_overflows = 0
         self._next_timestamp_check = 0.0
         self._last_assignment_id = self._max_assignment_id()
+        self._notified_since_check: set[str] = set()
 
     # ---- lifecycle -----------------------------------------------------------------------------
 
@@ -304,15 +305,20 @@ class ControllerService:
                 "SELECT id, device_id FROM assignments WHERE id > ? ORDER BY id",
                 (self._last_assignment_id,),
             ).fetchall()
-        devices = list(dict.fromkeys(str(device_id) for _, device_id in rows))
         if rows:
             self._last_assignment_id = int(rows[-1][0])
+        # The rollout engine nudges the devices it re-assigns itself: one nudge per change is enough.
+        already, self._notified_since_check = self._notified_since_check, set()
+        devices = [
+            d for d in dict.fromkeys(str(device_id) for _, device_id in rows) if d not in already
+        ]
         for device_id in devices:
             self.notify(device_id)
         return devices
 
     def notify_director_changed(self, device_id: str) -> None:
         """Nudge a device whose director metadata changed (the rollout engine's callback)."""
+        self._notified_since_check.add(device_id)
         self.notify(device_id)
 
     def notify(self, device_id: str, *, reason: str = "director-changed") -> bool:
