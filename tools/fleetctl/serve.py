@@ -307,7 +307,7 @@ class ControllerService:
             ).fetchall()
         if rows:
             self._last_assignment_id = int(rows[-1][0])
-        # The rollout engine nudges the devices it re-assigns itself: one nudge per change is enough.
+        # The rollout engine nudges the devices it re-assigns: one nudge per change is enough.
         already, self._notified_since_check = self._notified_since_check, set()
         devices = [
             d for d in dict.fromkeys(str(device_id) for _, device_id in rows) if d not in already
