@@ -513,13 +513,9 @@ def write_heavy_digits_model(out: Path, *, width: int = 1024, layers: int = 12) 
 def _pack_broken(home: Path, scratch: Path) -> None:
     """digits@3: the fp32 ONNX model with a card whose self-test vectors expect the wrong class.
 
-    ``fleetctl model add`` refuses a model whose self-test fails (as it should); this packs it
-    through the packing API with the pack-time self-test replaced, to test the device's check.
+    ``fleetctl model add`` refuses a model whose self-test fails unless told to pack it anyway
+    (``--allow-failing-selftest``); devices still refuse it, which is what the fleet tests check.
     """
-    from unittest import mock  # noqa: PLC0415
-
-    from tools.fleetctl import packing  # noqa: PLC0415
-    from tools.fleetctl.home import FleetHome  # noqa: PLC0415
     from tools.videos import MODELS_DIR  # noqa: PLC0415
 
     card = json.loads((MODELS_DIR / "digits_fp32.onnx.card.json").read_text())
@@ -530,14 +526,19 @@ def _pack_broken(home: Path, scratch: Path) -> None:
             vector["expected"] = vector["expected"][1:] + vector["expected"][:1]
     card_path = scratch / "digits_broken.card.json"
     card_path.write_text(json.dumps(card))
-    with mock.patch.object(packing, "_run_selftest", lambda _model, _card: "skipped: broken"):
-        packing.pack_model(
-            FleetHome(home),
-            MODELS_DIR / "digits_fp32.onnx",
-            name="digits",
-            version="3",
-            card_path=card_path,
-        )
+    run_fleetctl(
+        home,
+        "model",
+        "add",
+        str(MODELS_DIR / "digits_fp32.onnx"),
+        "--name",
+        "digits",
+        "--version",
+        "3",
+        "--card",
+        str(card_path),
+        "--allow-failing-selftest",
+    )
 
 
 def pack_standard_models(home: Path, scratch: Path) -> dict[str, str]:

@@ -32,4 +32,6 @@ def test_first_install_then_canary_rollout_on_the_embedded_broker(embedded_fleet
     fleet.wait_models({d: "digits@2" for d in devices})
     for device_id in devices:
         kinds = [kind for kind, version, _ in fleet.events(device_id) if version == "2"]
-        assert kinds[-4:] == ["fetching", "verified", "activated", "committed"]
+        # Later refresh cycles may add "refreshing"/"up-to-date": the install itself is what counts.
+        lifecycle = [k for k in kinds if k not in ("refreshing", "up-to-date")]
+        assert lifecycle[-4:] == ["fetching", "verified", "activated", "committed"]
