@@ -85,8 +85,11 @@ class SystemdNotifier:
         with self._lock:
             try:
                 if self._sock is None:
+                    # Non-blocking: a manager that stops reading must not stall the main loop
+                    # (a full queue drops this notification; the next one tries again).
                     self._sock = socket.socket(
-                        socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC
+                        socket.AF_UNIX,
+                        socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK,
                     )
                 self._sock.sendto(datagram, self._address)
             except OSError as exc:

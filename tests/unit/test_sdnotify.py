@@ -171,3 +171,17 @@ def test_keepalive_thread_pings_at_half_the_interval(
 def test_keepalive_rejects_bad_timeout() -> None:
     with pytest.raises(ValueError, match="expected > 0 seconds"):
         WatchdogKeepAlive(SystemdNotifier(environ={}), timeout_s=0)
+
+
+def test_a_manager_that_stops_reading_never_blocks_the_sender(tmp_path: Path) -> None:
+    path = tmp_path / "notify.sock"
+    receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    receiver.bind(str(path))
+    try:
+        notifier = SystemdNotifier(environ={"NOTIFY_SOCKET": str(path)})
+        results = [notifier.status("x" * 1024) for _ in range(5000)]  # never read: the queue fills
+        assert results[0] is True
+        assert results[-1] is False  # dropped, not blocked
+        notifier.close()
+    finally:
+        receiver.close()
