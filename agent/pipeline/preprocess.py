@@ -216,6 +216,7 @@ class _Route(NamedTuple):
 
     steps: tuple[Callable[[npt.NDArray[np.uint8]], npt.NDArray[np.uint8]], ...]
     geometry: FrameGeometry
+    finish: Callable[[npt.NDArray[np.uint8]], npt.NDArray[Any]]  # pixels -> input tensor
 
 
 #: frame shapes whose route a plan keeps (a source normally has one)
@@ -269,23 +270,22 @@ class ImagePlan:
     def apply(self, frame: npt.NDArray[Any]) -> tuple[npt.NDArray[Any], FrameGeometry]:
         """Preprocess one HxWx3 BGR / HxWx4 BGRA / HxW gray uint8 frame."""
         route = self._routes.get(frame.shape)
-        if route is None or frame.dtype != np.uint8:
+        if route is None or (frame.dtype is not _UINT8 and frame.dtype != _UINT8):
             route = self._route(frame)
         pixels = frame
         for step in route.steps:
             pixels = step(pixels)
-        # pixels: HxW (one channel) or HxWxC uint8 at the input size, possibly a view
+        return route.finish(pixels), route.geometry
+
+    def _finish(self, pixels: npt.NDArray[np.uint8]) -> npt.NDArray[Any]:
+        """HxW (one channel) or HxWxC uint8 pixels at the input size -> the input tensor."""
         if self.layout == "NCHW":
             chw = pixels.reshape(self.size[1], self.size[0], self.channels).transpose(2, 0, 1)
-            return self._fill(chw, self.gain[:, None, None], self.bias[:, None, None])[
-                None
-            ], route.geometry
+            return self._fill(chw, self.gain[:, None, None], self.bias[:, None, None])[None]
         # NHWC: one row is W*C interleaved values; per-channel constants tiled along the row keep
         # numpy's inner loop long (broadcasting over a trailing axis of 3 is ~3x slower).
         rows = pixels.reshape(self.size[1], self.size[0] * self.channels)
-        return self._fill(rows, self.row_gain, self.row_bias).reshape(
-            self._nhwc_shape
-        ), route.geometry
+        return self._fill(rows, self.row_gain, self.row_bias).reshape(self._nhwc_shape)
 
     def _route(self, frame: npt.NDArray[Any]) -> _Route:
         """Compile (and cache) the steps for frames shaped like ``frame``."""
@@ -319,7 +319,10 @@ class ImagePlan:
             steps.append(functools.partial(cv2.cvtColor, code=cv2.COLOR_BGR2RGB))
         elif channels == 1 and self.color != "GRAY":
             steps.append(_gray_to_three)
-        route = _Route(tuple(steps), geometry)
+        finish: Callable[[npt.NDArray[np.uint8]], npt.NDArray[Any]] = self._finish
+        if self.mode == "int8_shift" and self.layout == "NHWC":  # the int8 models' fast path
+            finish = functools.partial(_shift_to_int8, shape=self._nhwc_shape)
+        route = _Route(tuple(steps), geometry, finish)
         if len(self._routes) >= _ROUTE_CACHE:
             self._routes.clear()
         self._routes[frame.shape] = route
@@ -357,6 +360,15 @@ class ImagePlan:
 
 
 _SIGN_BIT = np.uint8(0x80)
+_UINT8 = np.dtype(np.uint8)
+
+
+def _shift_to_int8(
+    pixels: npt.NDArray[np.uint8], *, shape: tuple[int, ...]
+) -> npt.NDArray[np.int8]:
+    """uint8 pixels minus 128 as a new C-order int8 tensor of ``shape``."""
+    shifted: npt.NDArray[np.uint8] = np.bitwise_xor(pixels, _SIGN_BIT, order="C")
+    return shifted.view(np.int8).reshape(shape)
 
 
 def _gray_to_three(pixels: npt.NDArray[np.uint8]) -> npt.NDArray[np.uint8]:
