@@ -1,20 +1,26 @@
-"""Store-and-forward outbox: telemetry and events wait here in SQLite until the broker has them.
+"""Store-and-forward outbox: telemetry and events wait here in SQLite until the controller has them.
 
-The publisher ``put``s messages, the transport ``peek``s the oldest, publishes them, and ``ack``s
-their ids once the broker acknowledged (PUBACK). Until then a message survives reconnects and
-restarts, so delivery is at-least-once; the controller deduplicates by ``boot_id``/``seq``.
+The publisher ``put``s messages; the delivery loop (:mod:`agent.daemon.delivery`) ``peek``s the
+oldest, publishes them and marks them in flight (:meth:`Outbox.mark_sent`). A message that
+carries an :class:`AckKey` (topic kind, ``boot_id``, ``seq``) stays queued until the controller
+acknowledges that key end to end (:meth:`Outbox.ack_seqs`, from an ``Ack`` on ``{p}/dev/{d}/ack``);
+a message without one is removed by id (:meth:`Outbox.ack`) once the transport accepted it.
+Until then a message survives reconnects, broker restarts and process restarts, so delivery is
+at-least-once; the controller deduplicates by ``boot_id``/``seq`` and acknowledges duplicates too.
 
 Invariants:
     * Bounded by payload bytes (topic + payload) and by message count. A ``put`` that would
-      exceed a bound drops the OLDEST messages first; drops are counted, and the counts are
-      persisted with the queue, so telemetry can report what an outage cost.
+      exceed a bound drops the OLDEST messages first (in flight or not); drops are counted, and
+      the counts are persisted with the queue, so telemetry can report what an outage cost.
     * Ids grow monotonically and are never reused (``AUTOINCREMENT``), so acking an id that was
-      dropped meanwhile cannot remove a newer message.
+      dropped meanwhile cannot remove a newer message. Acks by key match kind + boot + seq only.
     * Durability: WAL journal with ``synchronous=NORMAL``. A crash of the process loses nothing;
       a power cut may lose the last transactions before the next WAL checkpoint, never corrupts
       the database. ``FULL`` would fsync on every ``put`` and ``ack``: on an SD card that costs
       milliseconds and flash wear per telemetry message, for data that is re-sent or regenerated
       anyway (a lost ``ack`` means a duplicate, which the controller drops).
+    * A version-1 outbox (no ack columns) is migrated in place; its messages have no key and
+      are removed once the transport accepts them, as version 1 did.
     * A corrupt or foreign database file is moved aside (``<name>.corrupt-<UTC time>``, at most
       :data:`KEEP_CORRUPT_COPIES` kept) and a fresh outbox is created, with a WARNING: telemetry
       is not worth keeping the device offline for, and the copy allows a post-mortem.
@@ -36,6 +42,7 @@ from types import TracebackType
 
 __all__ = [
     "KEEP_CORRUPT_COPIES",
+    "AckKey",
     "Outbox",
     "OutboxBacklog",
     "OutboxError",
@@ -44,7 +51,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 KEEP_CORRUPT_COPIES = 3
 # Raised on a file that is not SQLite at all, a damaged page, or a damaged header.
 _CORRUPTION_ERRORS = (sqlite3.DatabaseError,)
@@ -56,18 +63,47 @@ CREATE TABLE IF NOT EXISTS messages (
     payload BLOB NOT NULL,
     qos INTEGER NOT NULL,
     size INTEGER NOT NULL,
-    created REAL NOT NULL
+    created REAL NOT NULL,
+    kind TEXT,
+    boot_id TEXT,
+    seq INTEGER,
+    sent_at REAL,
+    attempts INTEGER NOT NULL DEFAULT 0
 );
+CREATE INDEX IF NOT EXISTS messages_ack ON messages(boot_id, kind, seq);
 CREATE TABLE IF NOT EXISTS counters (
     name TEXT PRIMARY KEY,
     value INTEGER NOT NULL
 );
 INSERT OR IGNORE INTO counters (name, value) VALUES ('dropped_messages', 0), ('dropped_bytes', 0);
 """
+_MIGRATE_V1 = """
+ALTER TABLE messages ADD COLUMN kind TEXT;
+ALTER TABLE messages ADD COLUMN boot_id TEXT;
+ALTER TABLE messages ADD COLUMN seq INTEGER;
+ALTER TABLE messages ADD COLUMN sent_at REAL;
+ALTER TABLE messages ADD COLUMN attempts INTEGER NOT NULL DEFAULT 0;
+"""
+_COLUMNS = ["id", "topic", "payload", "qos", "size", "created", "kind", "boot_id", "seq"]
+_COLUMNS += ["sent_at", "attempts"]
+_SELECT = "SELECT id, topic, payload, qos, created, kind, boot_id, seq, sent_at, attempts"
 
 
 class OutboxError(Exception):
     """The outbox cannot be opened or used, or a message cannot be stored."""
+
+
+@dataclass(frozen=True)
+class AckKey:
+    """What the controller's ``Ack`` names a message by: topic kind, boot and sequence number."""
+
+    kind: str
+    boot_id: str
+    seq: int
+
+
+#: derives a message's key from its topic and payload (None: no end-to-end acknowledgement)
+AckKeyFunction = Callable[[str, bytes], "AckKey | None"]
 
 
 @dataclass(frozen=True)
@@ -79,6 +115,9 @@ class OutboxMessage:
     payload: bytes
     qos: int
     created: float
+    key: AckKey | None = None
+    sent_at: float | None = None  # last publish; None = not in flight
+    attempts: int = 0  # publishes so far
 
 
 @dataclass(frozen=True)
@@ -87,6 +126,7 @@ class OutboxBacklog:
 
     messages: int
     bytes: int
+    in_flight: int
     oldest_created: float | None
     dropped_messages: int
     dropped_bytes: int
@@ -102,8 +142,11 @@ class Outbox:
         max_bytes: int,
         max_messages: int,
         clock: Callable[[], float] = time.time,
+        ack_key: AckKeyFunction | None = None,
     ) -> None:
         """Open (or create) the outbox at ``path``.
+
+        ``ack_key`` gives the key of a message ``put`` without one (see :class:`AckKey`).
 
         Raises:
             OutboxError: the bounds are not positive, or the file cannot be opened or recreated.
@@ -117,6 +160,7 @@ class Outbox:
         self._max_bytes = max_bytes
         self._max_messages = max_messages
         self._clock = clock
+        self._ack_key = ack_key
         self._lock = threading.Lock()
         try:
             self._conn = self._open()
@@ -153,11 +197,13 @@ class Outbox:
             conn.execute("PRAGMA journal_mode=WAL").fetchone()
             conn.execute("PRAGMA synchronous=NORMAL")
             version = conn.execute("PRAGMA user_version").fetchone()[0]
-            if version not in (0, SCHEMA_VERSION):
+            if version not in (0, 1, SCHEMA_VERSION):
                 raise sqlite3.DatabaseError(f"schema version {version}, expected {SCHEMA_VERSION}")
             check = conn.execute("PRAGMA quick_check").fetchone()[0]
             if check != "ok":
                 raise sqlite3.DatabaseError(f"quick_check: {check}")
+            if version == 1:
+                conn.executescript(f"BEGIN IMMEDIATE;{_MIGRATE_V1}COMMIT;")
             conn.executescript(_SCHEMA)
             conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
             self._check_tables(conn)
@@ -169,7 +215,7 @@ class Outbox:
     @staticmethod
     def _check_tables(conn: sqlite3.Connection) -> None:
         columns = [row[1] for row in conn.execute("PRAGMA table_info(messages)")]
-        if columns != ["id", "topic", "payload", "qos", "size", "created"]:
+        if columns != _COLUMNS:
             raise sqlite3.DatabaseError(f"unexpected messages columns {columns}")
 
     def _move_aside(self, reason: BaseException) -> Path:
@@ -204,8 +250,11 @@ class Outbox:
             raise
         self._conn.execute("COMMIT")
 
-    def put(self, topic: str, payload: bytes, qos: int = 1) -> int:
+    def put(self, topic: str, payload: bytes, qos: int = 1, *, key: AckKey | None = None) -> int:
         """Queue a message, dropping the oldest ones if a bound would be exceeded.
+
+        With a ``key`` (given, or derived by the outbox's ``ack_key`` function) the message stays
+        queued until :meth:`ack_seqs` names it; without one, until :meth:`ack` names its id.
 
         Returns:
             The new message's id.
@@ -220,14 +269,17 @@ class Outbox:
             raise OutboxError(
                 f"outbox put: expected a message of at most {self._max_bytes} bytes, got {size}"
             )
+        if key is None and self._ack_key is not None:
+            key = self._ack_key(topic, bytes(payload))
+        keys = (None, None, None) if key is None else (key.kind, key.boot_id, key.seq)
         with self._lock:
             try:
                 with self._transaction():
                     self._evict(1, size)
                     cursor = self._conn.execute(
-                        "INSERT INTO messages (topic, payload, qos, size, created) "
-                        "VALUES (?, ?, ?, ?, ?)",
-                        (topic, bytes(payload), qos, size, self._clock()),
+                        "INSERT INTO messages (topic, payload, qos, size, created, kind, boot_id,"
+                        " seq) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                        (topic, bytes(payload), qos, size, self._clock(), *keys),
                     )
             except sqlite3.Error as exc:
                 self._resync()
@@ -277,10 +329,93 @@ class Outbox:
         """The oldest ``limit`` messages, oldest first; they stay queued until acked."""
         with self._lock:
             rows = self._conn.execute(
-                "SELECT id, topic, payload, qos, created FROM messages ORDER BY id LIMIT ?",
+                f"{_SELECT} FROM messages ORDER BY id LIMIT ?",
                 (max(0, limit),),
             ).fetchall()
-        return [OutboxMessage(int(i), str(t), bytes(p), int(q), float(c)) for i, t, p, q, c in rows]
+        return [
+            OutboxMessage(
+                id=int(i),
+                topic=str(t),
+                payload=bytes(p),
+                qos=int(q),
+                created=float(c),
+                key=None if kind is None else AckKey(str(kind), str(boot), int(seq)),
+                sent_at=None if sent is None else float(sent),
+                attempts=int(attempts),
+            )
+            for i, t, p, q, c, kind, boot, seq, sent, attempts in rows
+        ]
+
+    def mark_sent(self, ids: Iterable[int], now: float) -> None:
+        """Record that messages ``ids`` were published at ``now`` (in flight until acked)."""
+        wanted = [(now, i) for i in sorted(set(ids))]
+        if not wanted:
+            return
+        with self._lock, self._transaction():
+            self._conn.executemany(
+                "UPDATE messages SET sent_at = ?, attempts = attempts + 1 WHERE id = ?", wanted
+            )
+
+    def reset_in_flight(self) -> int:
+        """Mark every in-flight message unsent (after a reconnect: publish them again now)."""
+        with self._lock, self._transaction():
+            cursor = self._conn.execute(
+                "UPDATE messages SET sent_at = NULL WHERE sent_at IS NOT NULL"
+            )
+            return cursor.rowcount
+
+    def ack_seqs(self, kind: str, boot_id: str, ranges: Iterable[tuple[int, int]]) -> int:
+        """Remove the ``kind`` messages of ``boot_id`` whose seq lies in an inclusive range.
+
+        Returns:
+            How many messages were removed (already acked or dropped ones do not count).
+        """
+        spans = [(boot_id, kind, first, last) for first, last in ranges]
+        if not spans:
+            return 0
+        with self._lock:
+            removed = 0
+            removed_bytes = 0
+            with self._transaction():
+                for span in spans:
+                    where = "boot_id = ? AND kind = ? AND seq BETWEEN ? AND ?"
+                    row = self._conn.execute(
+                        f"SELECT COUNT(*), COALESCE(SUM(size), 0) FROM messages WHERE {where}",  # noqa: S608
+                        span,
+                    ).fetchone()
+                    if row[0]:
+                        self._conn.execute(f"DELETE FROM messages WHERE {where}", span)  # noqa: S608
+                        removed += row[0]
+                        removed_bytes += row[1]
+            self._count -= removed
+            self._bytes -= removed_bytes
+            return removed
+
+    def discard(self, ids: Iterable[int]) -> int:
+        """Remove messages that will never be acknowledged, counting them as dropped."""
+        wanted = sorted(set(ids))
+        if not wanted:
+            return 0
+        with self._lock:
+            count = 0
+            size = 0
+            with self._transaction():
+                for message_id in wanted:
+                    row = self._conn.execute(
+                        "SELECT size FROM messages WHERE id = ?", (message_id,)
+                    ).fetchone()
+                    if row is not None:
+                        self._conn.execute("DELETE FROM messages WHERE id = ?", (message_id,))
+                        count += 1
+                        size += int(row[0])
+                self._conn.execute(
+                    "UPDATE counters SET value = value + CASE name "
+                    "WHEN 'dropped_messages' THEN ? WHEN 'dropped_bytes' THEN ? END",
+                    (count, size),
+                )
+            self._count -= count
+            self._bytes -= size
+            return count
 
     def ack(self, ids: Iterable[int]) -> int:
         """Remove delivered messages; unknown ids (dropped or acked before) are ignored.
@@ -316,11 +451,14 @@ class Outbox:
     def backlog(self) -> OutboxBacklog:
         """Queued messages and bytes, the oldest message's time, and what was dropped so far."""
         with self._lock:
-            oldest = self._conn.execute("SELECT MIN(created) FROM messages").fetchone()[0]
+            oldest, in_flight = self._conn.execute(
+                "SELECT MIN(created), COUNT(sent_at) FROM messages"
+            ).fetchone()
             counters = dict(self._conn.execute("SELECT name, value FROM counters").fetchall())
             return OutboxBacklog(
                 messages=self._count,
                 bytes=self._bytes,
+                in_flight=int(in_flight),
                 oldest_created=None if oldest is None else float(oldest),
                 dropped_messages=int(counters.get("dropped_messages", 0)),
                 dropped_bytes=int(counters.get("dropped_bytes", 0)),

@@ -9,11 +9,11 @@ stopped, outbox closed); SIGHUP reloads ``[source]``, ``[results]`` and ``[telem
 (:func:`~agent.daemon.config.reload_settings`) without dropping the model.
 
 Delivery guarantees: telemetry and events are ``put`` in the SQLite outbox first; the flusher
-publishes them in order at QoS 1 while connected and acks each once the transport accepted it.
-The transport retransmits accepted QoS 1 messages after a reconnect, so a broker outage loses
-nothing; a process crash between acceptance and PUBACK may lose the messages in flight (at most
-``max_inflight``), everything still in the outbox survives it. Duplicates are possible and the
-controller drops them by ``boot_id``/``seq``. Results bypass the outbox (stale results are
+(:mod:`agent.daemon.delivery`) publishes them in order at QoS 1 while connected and keeps each
+until the controller acknowledges it end to end (``Ack`` on ``{p}/dev/{d}/ack``), re-sending what
+is not acknowledged in time and everything in flight after a reconnect. Broker outages, broker
+restarts and process restarts lose nothing the outbox's bounds kept. Duplicates are possible and
+the controller drops them by ``boot_id``/``seq``. Results bypass the outbox (stale results are
 worthless) and go out at ``[results] qos`` only while connected.
 """
 
@@ -33,6 +33,7 @@ from typing import Any
 from agent import __version__
 from agent.atomicio import ensure_private_dir
 from agent.daemon.config import AgentConfig, load_config, reload_settings
+from agent.daemon.delivery import OutboxFlusher, ack_key_function
 from agent.daemon.inference import InferenceService, RunningModel
 from agent.daemon.outbox import Outbox
 from agent.daemon.results import ResultPublisher
@@ -46,9 +47,6 @@ from agent.supplychain.store import DeviceState
 from agent.transport.base import (
     Backoff,
     MessageProperties,
-    NotConnectedError,
-    PublishQueueFullError,
-    QoS,
     Transport,
     TransportError,
     Will,
@@ -66,64 +64,6 @@ REPOSITORY_SEGMENT_BYTES = 512 * 1024
 
 class SupervisorError(Exception):
     """The daemon cannot start: state, identity, outbox or transport setup failed."""
-
-
-class OutboxFlusher:
-    """Publishes the outbox in order while connected; acks what the transport accepted."""
-
-    def __init__(self, outbox: Outbox, transport: Transport, *, batch: int = 50) -> None:
-        self._outbox = outbox
-        self._transport = transport
-        self._batch = batch
-        self._stop = threading.Event()
-        self._wake = threading.Event()
-        self._thread: threading.Thread | None = None
-        self.published = 0
-
-    def wake(self) -> None:
-        """Something was queued or the connection came back: flush now."""
-        self._wake.set()
-
-    def start(self) -> None:
-        """Start the flusher thread."""
-        self._thread = threading.Thread(target=self._run, name="edge-outbox", daemon=True)
-        self._thread.start()
-
-    def stop(self, timeout: float = 5.0) -> None:
-        """Stop the thread (queued messages stay in the outbox)."""
-        self._stop.set()
-        self._wake.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-
-    def flush_once(self) -> int:
-        """Publish one batch; returns how many were accepted (0: empty or offline)."""
-        if not self._transport.is_connected:
-            return 0
-        sent: list[int] = []
-        try:
-            for message in self._outbox.peek(self._batch):
-                qos: QoS = 1 if message.qos else 0
-                self._transport.publish(message.topic, message.payload, qos=qos)
-                sent.append(message.id)
-        except (NotConnectedError, PublishQueueFullError) as exc:
-            logger.debug("outbox flush paused: %s", exc)
-        finally:
-            if sent:
-                self._outbox.ack(sent)
-                self.published += len(sent)
-        return len(sent)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                count = self.flush_once()
-            except Exception:
-                logger.exception("outbox flush failed")
-                count = 0
-            if count < self._batch:
-                self._wake.wait(0.2)
-                self._wake.clear()
 
 
 class Supervisor:
@@ -297,6 +237,7 @@ class Supervisor:
                 Path(config.device.state_dir) / "outbox.sqlite",
                 max_bytes=config.outbox.max_bytes,
                 max_messages=config.outbox.max_messages,
+                ack_key=ack_key_function(self.topics),
             )
         except Exception as exc:
             raise SupervisorError(f"daemon setup: {exc}") from exc
@@ -343,7 +284,7 @@ class Supervisor:
             reconnects=lambda: transport.stats().reconnects,
             wall_clock=time.time,
         )
-        flusher = OutboxFlusher(outbox, transport)
+        flusher = OutboxFlusher(outbox, transport, self.topics, self.device_id)
         events = EventPublisher(
             outbox=outbox,
             topics=self.topics,
@@ -373,7 +314,7 @@ class Supervisor:
 
         def on_connected(_session_present: bool) -> None:
             self._publish_state(transport, inference)
-            flusher.wake()
+            flusher.reconnected()
             updater.notify()
 
         def on_notify(_topic: str, payload: bytes, _props: MessageProperties) -> None:
@@ -383,6 +324,7 @@ class Supervisor:
 
         transport.on_connected(on_connected)
         transport.subscribe(self.topics.notify(self.device_id), on_notify, qos=1)
+        flusher.subscribe()
         transport.connect()
 
         committed = self._load_committed(state, identity)

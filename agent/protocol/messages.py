@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
@@ -26,12 +27,15 @@ from agent.protocol.topics import TopicKind
 from agent.schema import SchemaError, dump, field_meta, load
 
 __all__ = [
+    "ACK_KINDS",
     "EVENT_KINDS",
+    "MAX_ACK_RANGES",
     "MAX_MESSAGE_BYTES",
     "MAX_REQUEST_LENGTH",
     "MESSAGE_TYPES",
     "PROTOCOL_VERSION",
     "REQUEST_ID_BYTES",
+    "Ack",
     "ActiveModel",
     "EventMessage",
     "Hardware",
@@ -46,6 +50,7 @@ __all__ = [
     "ThrottleFlags",
     "decode",
     "encode",
+    "seq_ranges",
 ]
 
 PROTOCOL_VERSION = 1
@@ -314,6 +319,49 @@ class RepoRequest:
         return bytes.fromhex(self.request_id)
 
 
+# ---- acknowledgements --------------------------------------------------------------------------
+
+#: seq ranges per list in one Ack; more ranges go in further Acks (see :func:`seq_ranges`)
+MAX_ACK_RANGES = 256
+#: the Ack lists, named after the topic kinds whose messages they acknowledge
+ACK_KINDS: tuple[Literal["telemetry", "events"], ...] = ("telemetry", "events")
+
+_RANGES = field_meta("inclusive [first, last] seq ranges", max_len=MAX_ACK_RANGES)
+
+
+@dataclass(frozen=True)
+class Ack:
+    """On ``{p}/dev/{d}/ack``: the controller has stored these messages of boot ``boot_id``.
+
+    Ranges are inclusive ``[first, last]`` pairs with ``first <= last``. A duplicate the controller
+    already had is acknowledged too: what matters to the device is that it may forget it.
+    """
+
+    boot_id: str = field(metadata=_BOOT_ID)
+    v: int = _version_field()
+    telemetry: tuple[tuple[int, int], ...] = field(default=(), metadata=_RANGES)
+    events: tuple[tuple[int, int], ...] = field(default=(), metadata=_RANGES)
+
+    def __post_init__(self) -> None:
+        for name in ACK_KINDS:
+            for first, last in getattr(self, name):
+                if not 0 <= first <= last <= MAX_SEQ:
+                    raise ValueError(
+                        f"{name} range [{first}, {last}]: expected 0 <= first <= last <= {MAX_SEQ}"
+                    )
+
+
+def seq_ranges(seqs: Iterable[int]) -> list[tuple[int, int]]:
+    """Sorted, merged inclusive ranges: ``[1, 2, 3, 7]`` -> ``[(1, 3), (7, 7)]``."""
+    ranges: list[tuple[int, int]] = []
+    for seq in sorted(set(seqs)):
+        if ranges and seq == ranges[-1][1] + 1:
+            ranges[-1] = (ranges[-1][0], seq)
+        else:
+            ranges.append((seq, seq))
+    return ranges
+
+
 @dataclass(frozen=True)
 class Notify:
     """On ``{p}/dev/{d}/notify``: a nudge to refresh now. Carries no authority: metadata does."""
@@ -325,7 +373,9 @@ class Notify:
     v: int = _version_field()
 
 
-Message = StateMessage | TelemetryMessage | EventMessage | ResultMessage | RepoRequest | Notify
+Message = (
+    StateMessage | TelemetryMessage | EventMessage | ResultMessage | RepoRequest | Notify | Ack
+)
 M = TypeVar("M", bound=Message)
 
 MESSAGE_TYPES: dict[TopicKind, type[Message]] = {
@@ -335,6 +385,7 @@ MESSAGE_TYPES: dict[TopicKind, type[Message]] = {
     "events": EventMessage,
     "repo/req": RepoRequest,
     "notify": Notify,
+    "ack": Ack,
 }
 
 

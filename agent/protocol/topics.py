@@ -6,7 +6,7 @@ MQTT syntax into a topic: ids match ``[a-z0-9][a-z0-9_-]{0,62}`` (no ``/``, ``+`
 Layout, with prefix ``p`` (default ``edge/v1``; the ``v1`` is the protocol's major version)::
 
     {p}/dev/{device}/state | telemetry | results | events | repo/req     device -> controller
-    {p}/dev/{device}/repo/resp | notify                                  controller -> device
+    {p}/dev/{device}/repo/resp | notify | ack                            controller -> device
 
 :func:`topic_matches` is the one implementation of MQTT filter matching (``+``, ``#``, ``$``
 topics, ``$share/{group}/...``) used by the in-memory broker and by the transports' dispatch.
@@ -43,7 +43,9 @@ DEFAULT_PREFIX = "edge/v1"
 CONTROLLER_GROUP = "ctl"
 MAX_TOPIC_BYTES = 65535  # MQTT's UTF-8 string limit
 
-TopicKind = Literal["state", "telemetry", "results", "events", "repo/req", "repo/resp", "notify"]
+TopicKind = Literal[
+    "state", "telemetry", "results", "events", "repo/req", "repo/resp", "notify", "ack"
+]
 TOPIC_KINDS: tuple[TopicKind, ...] = get_args(TopicKind)
 
 _DEVICE_ID = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
@@ -68,6 +70,7 @@ TOPIC_POLICIES: dict[TopicKind, TopicPolicy] = {
     "repo/req": TopicPolicy("device->controller", 1, False, "RepoRequest (JSON)"),
     "repo/resp": TopicPolicy("controller->device", 1, False, "binary RepoFrame"),
     "notify": TopicPolicy("controller->device", 1, False, "Notify (JSON)"),
+    "ack": TopicPolicy("controller->device", 1, False, "Ack (JSON): telemetry/events stored"),
 }
 DEVICE_PUBLISHES: tuple[TopicKind, ...] = tuple(
     k for k, p in TOPIC_POLICIES.items() if p.direction == "device->controller"
@@ -209,6 +212,10 @@ class Topics:
     def notify(self, device_id: str) -> str:
         """``{p}/dev/{d}/notify``."""
         return self.device("notify", device_id)
+
+    def ack(self, device_id: str) -> str:
+        """``{p}/dev/{d}/ack``: the controller stored these telemetry/event sequence numbers."""
+        return self.device("ack", device_id)
 
     def parse(self, topic: str) -> DeviceTopic:
         """Parse one of our device topics, or raise :class:`TopicError`."""

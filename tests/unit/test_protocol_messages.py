@@ -95,7 +95,15 @@ def test_round_trip(message: Message) -> None:
 
 
 def test_every_json_topic_has_a_message_type() -> None:
-    assert set(MESSAGE_TYPES) == {"state", "telemetry", "results", "events", "repo/req", "notify"}
+    assert set(MESSAGE_TYPES) == {
+        "state",
+        "telemetry",
+        "results",
+        "events",
+        "repo/req",
+        "notify",
+        "ack",
+    }
 
 
 def test_unknown_fields_are_tolerated_at_every_level() -> None:

@@ -94,8 +94,8 @@ def test_controller_filters_share_everything_but_retained_state() -> None:
 def test_device_acl_lists_only_its_own_topics() -> None:
     writable, readable = T.device_acl("d1")
     assert set(writable) == {T.device(k, "d1") for k in DEVICE_PUBLISHES}
-    assert set(readable) == {T.notify("d1"), T.repo_response("d1")}
-    assert set(DEVICE_SUBSCRIBES) == {"notify", "repo/resp"}
+    assert set(readable) == {T.notify("d1"), T.repo_response("d1"), T.ack("d1")}
+    assert set(DEVICE_SUBSCRIBES) == {"notify", "repo/resp", "ack"}
     write_patterns, read_patterns = T.device_acl_patterns()
     assert write_patterns == tuple(t.replace("/d1/", "/%u/") for t in writable)
     assert read_patterns == tuple(t.replace("/d1/", "/%u/") for t in readable)

@@ -15,7 +15,9 @@
 :class:`Ingest` turns one MQTT message into one store call. The device id comes from the topic
 (the broker's ACL binds it to the client's identity) and must be enrolled and not removed;
 anything malformed is dropped and counted. It never touches the network: the service hands it
-messages from a queue (see tools.fleetctl.serve).
+messages from a queue (see tools.fleetctl.serve). Every telemetry report and event that is
+committed, or found to be a duplicate, is reported to ``on_stored`` so the service can
+acknowledge it to the device (tools.fleetctl.acks).
 """
 
 from __future__ import annotations
@@ -413,10 +415,14 @@ class Ingest:
         topics: Topics,
         *,
         clock: Callable[[], float] = time.time,
+        on_stored: Callable[[str, str, str, int], None] | None = None,
     ) -> None:
+        """``on_stored(device_id, kind, boot_id, seq)`` is called once a telemetry report or
+        event is in the database (stored now or before: a duplicate)."""
         self.store = store
         self.devices = devices
         self.topics = topics
+        self._on_stored = on_stored
         self.counters = IngestCounters()
         self._clock = clock
         self._lock = threading.Lock()
@@ -427,6 +433,10 @@ class Ingest:
                 self.counters.messages[kind] = self.counters.messages.get(kind, 0) + 1
             else:
                 setattr(self.counters, name, getattr(self.counters, name) + 1)
+
+    def _stored(self, device_id: str, kind: str, boot_id: str, seq: int) -> None:
+        if self._on_stored is not None:
+            self._on_stored(device_id, kind, boot_id, seq)
 
     def handle(self, topic: str, payload: bytes) -> str:
         """Process one message; returns what happened (``stored``, ``duplicate``, ``malformed``,
@@ -454,7 +464,9 @@ class Ingest:
                     return "stale-will"
             elif kind == "telemetry":
                 telemetry = decode(TelemetryMessage, payload)
-                if not self.store.record_telemetry(device_id, telemetry, now):
+                stored = self.store.record_telemetry(device_id, telemetry, now)
+                self._stored(device_id, kind, telemetry.boot_id, telemetry.seq)
+                if not stored:
                     self._count("duplicates")
                     return "duplicate"
             elif kind == "events":
@@ -472,6 +484,7 @@ class Ingest:
                 stored = self.store.record_event(
                     device_id, event, now, verified=verified, verify_error=why
                 )
+                self._stored(device_id, kind, event.boot_id, event.seq)
                 if not stored:
                     self._count("duplicates")
                     return "duplicate"

@@ -6,7 +6,9 @@ What runs (each on its own thread, all stopped by :meth:`ControllerService.stop`
 * one :class:`~agent.transport.mqtt.PahoTransport` (client id ``fleetctl-<host>-<pid>``);
 * the repository server (tools.fleetctl.reposerver) answering devices' fetch requests;
 * ingest (tools.fleetctl.ingest): the transport's handlers only enqueue, one worker thread
-  validates and writes to SQLite, so the network thread never waits on the database;
+  validates and writes to SQLite, so the network thread never waits on the database; the same
+  thread acknowledges stored telemetry and events to their devices (tools.fleetctl.acks), once
+  per ingest batch and at most every 200 ms while messages keep coming;
 * the rollout engine (tools.fleetctl.rollouts), ticked every :attr:`ServeOptions.tick_s`;
 * timestamp refresh: director timestamps are short-lived, so when one gets within
   :attr:`ServeOptions.timestamp_margin` of expiry it is re-signed and the device gets a
@@ -35,6 +37,7 @@ from agent.protocol.messages import Notify, encode
 from agent.protocol.topics import DEFAULT_PREFIX, Topics
 from agent.transport.base import Transport, TransportError
 from tools.fleetctl import FleetctlError
+from tools.fleetctl.acks import AckBatcher
 from tools.fleetctl.home import FleetHome
 from tools.fleetctl.ingest import EnrolledDevices, Ingest, IngestStore
 
@@ -118,8 +121,12 @@ class ControllerService:
         self.repository_server: RepositoryServer | None = None
         self.rollout_engine: RolloutEngine | None = None
         self.store = IngestStore.open(home.registry_path)
+        self.acks = AckBatcher(lambda: self.transport, self.topics)
         self.ingest = Ingest(
-            self.store, EnrolledDevices.from_registry(home.registry_path), self.topics
+            self.store,
+            EnrolledDevices.from_registry(home.registry_path),
+            self.topics,
+            on_stored=self.acks.add,
         )
         self._inbox: queue.Queue[tuple[str, bytes] | None] = queue.Queue(_INGEST_QUEUE)
         self._ingest_thread = threading.Thread(target=self._ingest_loop, name="ingest", daemon=True)
@@ -260,13 +267,27 @@ class ControllerService:
 
     def _ingest_loop(self) -> None:
         while True:
-            item = self._inbox.get()
+            try:
+                item = self._inbox.get(timeout=self.acks.interval_s)
+            except queue.Empty:
+                self._flush_acks()  # idle: only acknowledgements may be left
+                continue
             if item is None:
                 return
             try:
                 self.ingest.handle(*item)
             except Exception:
                 logger.exception("ingest of a message on %s failed", item[0])
+            if self.acks.due() or self._inbox.empty():
+                self._flush_acks()
+
+    def _flush_acks(self) -> None:
+        if not self.acks.pending:
+            return
+        try:
+            self.acks.flush()
+        except Exception:
+            logger.exception("acknowledging stored messages failed")
 
     # ---- timestamps ----------------------------------------------------------------------------
 
