@@ -538,9 +538,12 @@ class FrameLoop:
             self._inference_failed(item.frame, exc)
             return False
         finally:
-            with ref_cond:
-                self._active = None
-                if self._swap_waiting:
+            # No lock needed to let go: swap() counts itself in _swap_waiting before it checks
+            # _active, so either it sees None or we see it waiting and wake it (under the lock,
+            # which its wait() releases).
+            self._active = None
+            if self._swap_waiting:
+                with ref_cond:
                     ref_cond.notify_all()
         captured = item.captured_ns
         try:
