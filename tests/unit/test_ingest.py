@@ -10,18 +10,22 @@ from pathlib import Path
 import pytest
 
 from agent.protocol.messages import (
+    MAX_ACK_RANGES,
+    Ack,
     ActiveModel,
     EventMessage,
     LatencyStats,
     StateMessage,
     TelemetryMessage,
     TelemetryMetrics,
+    decode,
     encode,
 )
 from agent.protocol.topics import Topics
 from agent.supplychain.identity import DeviceIdentity
 from agent.supplychain.reports import sign_report
 from agent.transport import MemoryBroker, MemoryTransport, MessageProperties
+from tools.fleetctl.acks import AckBatcher
 from tools.fleetctl.ingest import EnrolledDevices, Ingest, IngestStore
 from tools.fleetctl.registry import Registry
 
@@ -250,3 +254,94 @@ def test_ingest_over_the_memory_transport(fleet: Fleet) -> None:
         device.publish(TOPICS.telemetry("pi-01"), telemetry(seq), qos=1)
     assert fleet.ingest.counters.messages == {"state": 1, "telemetry": 3}
     assert fleet.store.connection.execute("SELECT online FROM device_state").fetchone()[0] == 1
+
+
+# ---- acknowledgements --------------------------------------------------------------------------
+
+
+class AckedFleet:
+    """Ingest wired to an AckBatcher publishing over the in-memory broker; records device Acks."""
+
+    def __init__(self, fleet: Fleet) -> None:
+        self.now = 0.0
+        broker = MemoryBroker()
+        self.controller = MemoryTransport(broker=broker, client_id="ctl")
+        self.controller.connect()
+        self.acks = AckBatcher(lambda: self.controller, TOPICS, clock=lambda: self.now)
+        fleet.ingest = Ingest(
+            fleet.store,
+            EnrolledDevices.from_registry(fleet.path, reload_interval=0.0),
+            TOPICS,
+            clock=lambda: fleet.clock,
+            on_stored=self.acks.add,
+        )
+        self.received: list[tuple[str, Ack]] = []
+        self.device = MemoryTransport(broker=broker, client_id="watcher")
+        self.device.subscribe(f"{TOPICS.prefix}/dev/+/ack", self._on_ack, qos=1)
+        self.device.connect()
+
+    def _on_ack(self, topic: str, payload: bytes, _props: MessageProperties) -> None:
+        self.received.append((TOPICS.parse(topic).device_id, decode(Ack, payload)))
+
+
+def test_stored_and_duplicate_messages_are_acked_once_per_device_and_boot(fleet: Fleet) -> None:
+    identity = fleet.enrol("pi-01")
+    fleet.enrol("pi-02")
+    acked = AckedFleet(fleet)
+    for seq in (0, 1, 2, 4):
+        assert fleet.ingest.handle(TOPICS.telemetry("pi-01"), telemetry(seq)) == "stored"
+    assert fleet.ingest.handle(TOPICS.telemetry("pi-01"), telemetry(1)) == "duplicate"
+    assert fleet.ingest.handle(TOPICS.telemetry("pi-02"), telemetry(9, boot="other")) == "stored"
+    event = encode(signed_event("pi-01", identity, 3))
+    assert fleet.ingest.handle(TOPICS.events("pi-01"), event) == "stored"
+    assert fleet.ingest.handle(TOPICS.events("pi-01"), event) == "duplicate"  # events dedupe too
+    assert acked.received == []  # coalesced until flushed
+    assert acked.acks.flush() == 2
+    assert sorted(acked.received, key=lambda r: r[0]) == [
+        ("pi-01", Ack(boot_id=BOOT, telemetry=((0, 2), (4, 4)), events=((3, 3),))),
+        ("pi-02", Ack(boot_id="other", telemetry=((9, 9),))),
+    ]
+    assert acked.acks.pending == 0 and acked.acks.flush() == 0
+    # A replay after a lost Ack is a duplicate, and acknowledged again.
+    assert fleet.ingest.handle(TOPICS.telemetry("pi-01"), telemetry(4)) == "duplicate"
+    acked.acks.flush()
+    assert acked.received[-1] == ("pi-01", Ack(boot_id=BOOT, telemetry=((4, 4),)))
+
+
+def test_unknown_devices_and_malformed_messages_are_not_acked(fleet: Fleet) -> None:
+    fleet.enrol("gone", removed=True)
+    acked = AckedFleet(fleet)
+    assert fleet.ingest.handle(TOPICS.telemetry("gone"), telemetry(0)) == "unknown-device"
+    assert fleet.ingest.handle(TOPICS.telemetry("stranger"), telemetry(0)) == "unknown-device"
+    fleet.enrol("pi-01")
+    assert fleet.ingest.handle(TOPICS.telemetry("pi-01"), b'{"boot_id":"b","seq":1}') == (
+        "malformed"
+    )
+    assert acked.acks.pending == 0
+    assert acked.acks.flush() == 0 and acked.received == []
+
+
+def test_acks_are_due_after_the_interval_and_split_past_the_range_bound() -> None:
+    now = [0.0]
+    published: list[Ack] = []
+    broker = MemoryBroker()
+    controller = MemoryTransport(broker=broker, client_id="ctl")
+    controller.connect()
+    device = MemoryTransport(broker=broker, client_id="pi-01")
+    device.subscribe(
+        TOPICS.ack("pi-01"), lambda _t, p, _pr: published.append(decode(Ack, p)), qos=1
+    )
+    device.connect()
+    batcher = AckBatcher(lambda: controller, TOPICS, clock=lambda: now[0])
+    assert not batcher.due()
+    for seq in range(0, 2 * (MAX_ACK_RANGES + 10), 2):  # every other seq: one range each
+        batcher.add("pi-01", "telemetry", "b", seq)
+    now[0] = 0.1
+    assert not batcher.due()
+    now[0] = 0.2
+    assert batcher.due()
+    assert batcher.flush() == 2
+    assert [len(a.telemetry) for a in published] == [MAX_ACK_RANGES, 10]
+    assert published[1].telemetry[-1] == (2 * (MAX_ACK_RANGES + 9), 2 * (MAX_ACK_RANGES + 9))
+    with pytest.raises(ValueError, match="ack kind"):
+        batcher.add("pi-01", "results", "b", 1)
