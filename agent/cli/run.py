@@ -344,8 +344,8 @@ def run_command(args: argparse.Namespace) -> int:
         source, predictor, printer, realtime=True if args.realtime else None, max_frames=args.frames
     )
     interrupted = False
-    loop.start()
     try:
+        loop.start()
         while not loop.wait(0.25):
             pass
     except KeyboardInterrupt:
