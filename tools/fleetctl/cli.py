@@ -24,14 +24,18 @@ __all__ = ["main"]
 _DESCRIPTION = """\
 Operate a fleet of edge devices: hold the signing keys, pack models (optionally quantize them),
 encrypt and sign them into the image repository, enrol devices and assign models to them
-through per-device director metadata. Devices verify everything with TUF/Uptane rules.
+through per-device director metadata, roll models out in waves with automatic abort and
+rollback, and watch the fleet. Devices verify everything with TUF/Uptane rules.
 
 typical session:
   fleetctl init --root-threshold 2 --root-keys 3
   fleetctl model add digits_int8.tflite --name digits --version 1
   fleetctl device add pi-01 --tag lab --out ./pi-01-bundle
-  fleetctl assign pi-01 digits@1
-  fleetctl timestamp refresh            (before timestamps expire; default validity 1 day)
+  fleetctl serve &                      (embedded broker; or --broker mqtts://HOST:8883)
+  fleetctl deploy digits@1 --tag lab --canary 1 --wave-factor 2
+  fleetctl watch                        (live fleet and rollout progress)
+  fleetctl assign pi-01 digits@1        (one device, outside a rollout)
+  fleetctl timestamp refresh            (serve does this itself; without it, before expiry)
 """
 
 
