@@ -83,6 +83,7 @@ def test_telemetry_across_a_broker_outage_arrives_without_seq_gaps(
 ) -> None:
     fleet = mosquitto_fleet
     assert fleet.broker is not None
+    converge(fleet, "digits@1")  # telemetry reports intervals of a running model
     devices = fleet.spec.device_ids()
     before = dict(fleet.query("SELECT device_id, COUNT(*) FROM telemetry GROUP BY device_id"))
     fleet.broker.stop()
