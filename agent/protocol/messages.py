@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
@@ -451,6 +452,13 @@ def decode(cls: type[M], payload: bytes) -> M:
     except RecursionError:
         raise MessageError(
             f"{name}: JSON nested too deeply, expected a shallower document"
+        ) from None
+    except ValueError:
+        # json.loads raises a plain ValueError for an integer longer than Python converts
+        # (sys.get_int_max_str_digits(), 4300 digits by default).
+        raise MessageError(
+            f"{name}: expected JSON integers of at most {sys.get_int_max_str_digits()} digits,"
+            " got a longer one"
         ) from None
     if not isinstance(data, dict):
         raise MessageError(f"{name}: expected a JSON object, got {type(data).__name__}")

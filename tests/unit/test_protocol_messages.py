@@ -219,6 +219,22 @@ def test_deep_nesting_is_rejected_not_crashing() -> None:
     assert decode(Notify, nested).ts == 1.0  # an unknown, nested field is ignored
 
 
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b'{"ts":1,"x":' + b"1" * 5000 + b"}",
+        b'{"ts":1,"x":[-' + b"9" * 4400 + b"]}",
+        b'{"ts":' + b"1" * 4301 + b"}",
+    ],
+    ids=["unknown-field", "negative-in-list", "known-field"],
+)
+def test_numbers_too_long_to_convert_are_one_line_errors(payload: bytes) -> None:
+    # json raises a plain ValueError for integers over sys.get_int_max_str_digits() digits.
+    with pytest.raises(MessageError, match="Notify: expected JSON") as caught:
+        decode(Notify, payload)
+    assert "\n" not in str(caught.value)
+
+
 def test_request_id_bytes() -> None:
     assert RepoRequest(request_id=RID, path="a").request_id_bytes == bytes.fromhex(RID)
 
