@@ -1,7 +1,8 @@
 """Topic names of the wire protocol, device-id validation and MQTT topic-filter matching.
 
 Sans-I/O. Every topic the product uses is built and parsed here, so a device id can never smuggle
-MQTT syntax into a topic: ids match ``[a-z0-9][a-z0-9_-]{0,62}`` (no ``/``, ``+``, ``#``, ``$``).
+MQTT syntax into a topic: ids match ``[a-z0-9][a-z0-9_-]{0,62}`` (no ``/``, ``+``, ``#``, ``$``)
+and are not a reserved broker user (:data:`RESERVED_DEVICE_IDS`: the controller's ``fleetctl``).
 
 Layout, with prefix ``p`` (default ``edge/v1``; the ``v1`` is the protocol's major version)::
 
@@ -26,6 +27,7 @@ __all__ = [
     "DEVICE_PUBLISHES",
     "DEVICE_SUBSCRIBES",
     "MAX_TOPIC_BYTES",
+    "RESERVED_DEVICE_IDS",
     "TOPIC_KINDS",
     "TOPIC_POLICIES",
     "DeviceTopic",
@@ -42,6 +44,9 @@ __all__ = [
 DEFAULT_PREFIX = "edge/v1"
 CONTROLLER_GROUP = "ctl"
 MAX_TOPIC_BYTES = 65535  # MQTT's UTF-8 string limit
+# Broker user names that are not devices: ``fleetctl`` is the controller's user (certificate CN
+# and ACL entry with readwrite on the whole prefix), so no device may be enrolled under it.
+RESERVED_DEVICE_IDS = frozenset({"fleetctl"})
 
 TopicKind = Literal[
     "state", "telemetry", "results", "events", "repo/req", "repo/resp", "notify", "ack"
@@ -94,6 +99,11 @@ def validate_device_id(device_id: str) -> str:
         raise TopicError(
             f"invalid device id {device_id!r}: expected 1-63 characters of [a-z0-9_-], "
             "starting with a letter or digit"
+        )
+    if device_id in RESERVED_DEVICE_IDS:
+        raise TopicError(
+            f"invalid device id {device_id!r}: reserved for the controller's broker user,"
+            " expected another id"
         )
     return device_id
 

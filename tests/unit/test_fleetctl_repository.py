@@ -11,7 +11,9 @@ from securesystemslib.signer import CryptoSigner  # type: ignore[attr-defined]
 from tuf.api.exceptions import UnsignedMetadataError
 from tuf.api.metadata import Metadata, Root  # type: ignore[attr-defined]
 
+from agent.protocol.topics import RESERVED_DEVICE_IDS
 from tools.fleetctl.keys import KeyStore
+from tools.fleetctl.pki import CONTROLLER_USER
 from tools.fleetctl.repository import (
     ROLES,
     DirectorRepository,
@@ -168,6 +170,13 @@ def test_director_namespaces_share_root_and_follow_rotation(tmp_path: Path) -> N
 def test_bad_device_ids_are_refused(bad: str) -> None:
     with pytest.raises(RepositoryError, match="device id"):
         check_device_id(bad)
+
+
+def test_the_controller_broker_user_is_not_a_device_id() -> None:
+    # Enrolling a device as the controller's broker user would give it the controller's ACL.
+    assert CONTROLLER_USER in RESERVED_DEVICE_IDS
+    with pytest.raises(RepositoryError, match="reserved"):
+        check_device_id(CONTROLLER_USER)
 
 
 @pytest.mark.parametrize("good", ["a", "pi-01", "0_x", "a" * 63])

@@ -10,6 +10,7 @@ from agent.protocol.errors import TopicError
 from agent.protocol.topics import (
     DEVICE_PUBLISHES,
     DEVICE_SUBSCRIBES,
+    RESERVED_DEVICE_IDS,
     TOPIC_KINDS,
     Topics,
     split_shared,
@@ -65,6 +66,17 @@ def test_bad_device_ids_are_rejected_everywhere(device_id: str) -> None:
         validate_device_id(device_id)
     with pytest.raises(TopicError):
         T.state(device_id)
+
+
+@pytest.mark.parametrize("device_id", sorted(RESERVED_DEVICE_IDS))
+def test_reserved_broker_users_are_not_device_ids(device_id: str) -> None:
+    # The controller's broker user has readwrite on the whole prefix: no device may take its name.
+    with pytest.raises(TopicError, match="reserved"):
+        validate_device_id(device_id)
+    with pytest.raises(TopicError):
+        T.state(device_id)
+    with pytest.raises(TopicError):
+        T.parse(f"edge/v1/dev/{device_id}/state")
 
 
 @pytest.mark.parametrize("device_id", ["a", "0", "cam-01", "pi_4b", "a" * 63])
