@@ -29,13 +29,20 @@ DEVICES = 3
 class _ResultTap:
     """Subscribes to every device's results on the embedded broker; keeps the latest few."""
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, login: tuple[str, str]) -> None:
         from agent.protocol.topics import Topics  # noqa: PLC0415
         from agent.transport.mqtt import PahoTransport  # noqa: PLC0415
 
         self.latest: dict[str, list[dict[str, Any]]] = defaultdict(list)
         self._lock = threading.Lock()
-        self._transport = PahoTransport(host="127.0.0.1", port=port, client_id="demo-results")
+        username, password = login  # the controller's: the broker's ACL lets it read results
+        self._transport = PahoTransport(
+            host="127.0.0.1",
+            port=port,
+            client_id="fleetctl-demo-results",
+            username=username,
+            password=password,
+        )
         self._transport.subscribe(Topics().fleet_filter("results"), self._on_result, qos=0)
         self._transport.connect()
 
@@ -110,7 +117,7 @@ def run(workdir: Path) -> int:
         for model, what in fleet.models.items():
             print(f"    {model}: {what}")
         fleet.start()
-        tap = _ResultTap(fleet.port)
+        tap = _ResultTap(fleet.port, fleet.controller_login())
         try:
             _say(started, "controller (embedded broker) and 3 agents running; no model yet")
             rollouts.append(_rollout(fleet, started, "digits@1", "--all", "--canary", "100%"))

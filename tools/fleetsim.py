@@ -261,8 +261,8 @@ class Fleet:
                 f'url = "mqtts://127.0.0.1:{self.port}"\n'
                 'ca = "ca.crt"\ncert = "client.crt"\nkey = "client.key"\n'
             )
-        else:
-            mqtt = f'url = "mqtt://127.0.0.1:{self.port}"\n'
+        else:  # the embedded broker: the bundle's password, username = device id
+            mqtt = f'url = "mqtt://127.0.0.1:{self.port}"\npassword_file = "broker-password"\n'
         return (
             f'[device]\nid = "{device_id}"\nstate_dir = "{bundle}"\n\n'
             f"[mqtt]\n{mqtt}keepalive_s = 5\nreconnect_min_s = 0.2\nreconnect_max_s = 2.0\n\n"
@@ -359,6 +359,13 @@ class Fleet:
         self.close()
 
     # -- operating -----------------------------------------------------------------------------
+
+    def controller_login(self) -> tuple[str, str]:
+        """Username and password of the controller on the embedded broker (once it started)."""
+        from tools.fleetctl.broker_acl import controller_password  # noqa: PLC0415
+        from tools.fleetctl.pki import CONTROLLER_USER  # noqa: PLC0415
+
+        return CONTROLLER_USER, controller_password(self.home)
 
     def fleetctl(self, *args: str) -> str:
         """Run a fleetctl command on this fleet's home."""

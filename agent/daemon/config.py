@@ -128,6 +128,13 @@ class MqttConfig:
         default=None,
         metadata=field_meta("client private key (PEM), relative to the credentials directory"),
     )
+    password_file: str | None = field(
+        default=None,
+        metadata=field_meta(
+            "file holding the MQTT password (username = device id), relative to the "
+            "credentials directory; unset: no password (certificate login)"
+        ),
+    )
     keepalive_s: int = field(
         default=60, metadata=field_meta("MQTT keepalive in seconds", min=5, max=3600)
     )

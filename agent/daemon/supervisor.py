@@ -111,6 +111,16 @@ class Supervisor:
                 else None,
                 key_file=self.config.credential_path(mqtt.key, self.environ) if mqtt.key else None,
             )
+        password = None
+        if mqtt.password_file is not None:
+            path = self.config.credential_path(mqtt.password_file, self.environ)
+            try:
+                password = path.read_text(encoding="utf-8").strip()
+            except (OSError, UnicodeDecodeError) as exc:
+                raise SupervisorError(
+                    f"mqtt.password_file {path}: cannot read it ({exc}); expected a readable"
+                    " text file"
+                ) from exc
         will = Will(
             self.topics.state(self.device_id),
             encode(StateMessage(online=False, ts=time.time())),
@@ -124,6 +134,7 @@ class Supervisor:
             protocol=mqtt.protocol,
             tls=tls,
             username=self.device_id,
+            password=password,
             will=will,
             keepalive=mqtt.keepalive_s,
             backoff=Backoff(initial=mqtt.reconnect_min_s, maximum=mqtt.reconnect_max_s),

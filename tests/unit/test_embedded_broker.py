@@ -18,6 +18,7 @@ from agent.protocol.topics import Topics
 from agent.transport import MessageProperties
 from agent.transport.mqtt import PahoTransport
 from tools.fleetctl.broker import BrokerAuth, BrokerError, EmbeddedBroker, fleet_acl_rules
+from tools.fleetctl.broker_acl import hash_password, verify_password
 
 TIMEOUT = 10.0
 TOPICS = Topics()
@@ -353,11 +354,16 @@ def test_ping_and_unsubscribe(broker: EmbeddedBroker) -> None:
     assert raw.receive()[:2] == ("y", b"marker")
 
 
-def test_auth_and_acl() -> None:
-    auth = BrokerAuth(
-        passwords={"fleetctl": "ctl-pw", "dev-a": "a-pw", "dev-b": "b-pw"},
+def _fleet_auth(**passwords: str) -> BrokerAuth:
+    return BrokerAuth.from_passwords(
+        {"fleetctl": "ctl-pw", "dev-a": "a-pw", "dev-b": "b-pw", **passwords},
         rules=fleet_acl_rules(TOPICS, controller_user="fleetctl"),
+        free_client_ids=frozenset({"fleetctl"}),
     )
+
+
+def test_auth_and_acl() -> None:
+    auth = _fleet_auth()
     with EmbeddedBroker(port=0, auth=auth) as broker:
         assert RawClient(broker.port).connect("x") == 5  # anonymous
         assert RawClient(broker.port).connect("x", login=("dev-a", "wrong")) == 4
@@ -379,6 +385,72 @@ def test_auth_and_acl() -> None:
         assert b.receive()[:2] == (TOPICS.notify("dev-b"), b"for b")
         assert a.receive()[:2] == (TOPICS.notify("dev-a"), b"for a")  # not b's first
         assert broker.stats().dropped_acl >= 2
+
+
+def test_password_hashes_are_salted_scrypt_and_verify() -> None:
+    first, second = hash_password("pw"), hash_password("pw")
+    assert first.startswith("scrypt$") and first != second  # salted
+    assert verify_password(first, b"pw") and verify_password(second, b"pw")
+    assert not verify_password(first, b"pW")
+    assert not verify_password("plain-text", b"plain-text")
+    auth = BrokerAuth({"u": first})
+    assert auth.login_ok("u", b"pw") and auth.login_ok("u", b"pw")  # second one: cached
+    assert not auth.login_ok("u", b"other")
+    assert not auth.login_ok("u", None) and not auth.login_ok(None, b"pw")
+
+
+def test_with_auth_a_device_client_id_must_be_its_username() -> None:
+    with EmbeddedBroker(port=0, auth=_fleet_auth()) as broker:
+        assert RawClient(broker.port).connect("dev-b", login=("dev-a", "a-pw")) == 2
+        assert RawClient(broker.port).connect("other", login=("dev-a", "a-pw")) == 2
+        assert RawClient(broker.port).connect("dev-a", login=("dev-a", "a-pw")) == 0
+        # the controller runs several clients under its own name
+        assert RawClient(broker.port).connect("fleetctl-x-1", login=("fleetctl", "ctl-pw")) == 0
+
+
+def test_with_auth_no_user_takes_over_another_users_client_id() -> None:
+    with EmbeddedBroker(port=0, auth=_fleet_auth()) as broker:
+        watcher = RawClient(broker.port)
+        assert watcher.connect("fleetctl-w", login=("fleetctl", "ctl-pw")) == 0
+        watcher.subscribe(TOPICS.fleet_filter("state"))
+        device = RawClient(broker.port)
+        will = (TOPICS.state("dev-a"), b"offline")
+        assert device.connect("dev-a", login=("dev-a", "a-pw"), will=will) == 0
+        # the controller's user may pick any client id, but not one another user holds
+        assert RawClient(broker.port).connect("dev-a", login=("fleetctl", "ctl-pw")) == 2
+        device.publish(TOPICS.state("dev-a"), b"still connected")
+        assert watcher.receive()[:2] == (TOPICS.state("dev-a"), b"still connected")
+        # the same user reconnecting takes its own session over (its will fires)
+        again = RawClient(broker.port)
+        assert again.connect("dev-a", login=("dev-a", "a-pw")) == 0
+        assert device.closed_by_broker()
+        assert watcher.receive()[:2] == will
+
+
+def test_set_auth_closes_and_refuses_removed_users() -> None:
+    auth = _fleet_auth()
+    with EmbeddedBroker(port=0, auth=auth) as broker:
+        watcher = RawClient(broker.port)
+        assert watcher.connect("fleetctl-w", login=("fleetctl", "ctl-pw")) == 0
+        watcher.subscribe(TOPICS.fleet_filter("state"))
+        a, b = RawClient(broker.port), RawClient(broker.port)
+        assert a.connect("dev-a", login=("dev-a", "a-pw"), will=(TOPICS.state("dev-a"), b"x")) == 0
+        assert b.connect("dev-b", login=("dev-b", "b-pw")) == 0
+        # dev-a removed, dev-b's password changed, dev-c enrolled
+        hashes = {
+            "fleetctl": auth.password_hashes["fleetctl"],  # unchanged: its connection stays
+            "dev-b": hash_password("new-b"),
+            "dev-c": hash_password("c-pw"),
+        }
+        broker.set_auth(BrokerAuth(hashes, auth.rules, auth.free_client_ids))
+        assert a.closed_by_broker() and b.closed_by_broker()
+        assert RawClient(broker.port).connect("dev-a", login=("dev-a", "a-pw")) == 4
+        assert RawClient(broker.port).connect("dev-b", login=("dev-b", "b-pw")) == 4
+        assert RawClient(broker.port).connect("dev-b", login=("dev-b", "new-b")) == 0
+        assert RawClient(broker.port).connect("dev-c", login=("dev-c", "c-pw")) == 0
+        # the watcher (unchanged) stays; no will of the removed device was published
+        watcher.publish(TOPICS.state("dev-c"), b"marker")
+        assert watcher.receive()[:2] == (TOPICS.state("dev-c"), b"marker")
 
 
 def test_start_twice_and_bad_port() -> None:

@@ -8,7 +8,7 @@ What it does (MQTT 3.1.1; a CONNECT for any other protocol level gets CONNACK 0x
 ``PahoTransport(protocol="auto")`` fall back to 3.1.1):
     * clean sessions only (a CONNECT without the clean flag is served as clean, session_present
       is always 0); keepalive enforced at 1.5 x the client's value; client-id takeover (the old
-      connection is closed and its Last Will published).
+      connection is closed and its Last Will published) - with auth on, only by the same user.
     * PUBLISH QoS 0 and 1 (PUBACK); a QoS 2 PUBLISH closes the connection (3.1.1 has no way to
       refuse it), a QoS 2 subscription is granted QoS 1. One delivery per client per message,
       at the highest QoS among its matching subscriptions.
@@ -20,9 +20,14 @@ What it does (MQTT 3.1.1; a CONNECT for any other protocol level gets CONNACK 0x
       queue of ``max_queued`` messages / ``max_queued_bytes``; past it messages are dropped and
       counted. Packets above ``max_packet_bytes`` and malformed packets close that connection
       with a log line.
-    * optional :class:`BrokerAuth`: username/password table and ACL rules with mosquitto's
+    * optional :class:`BrokerAuth`: username/password-hash table and ACL rules with mosquitto's
       semantics (``pattern`` lines with ``%u``; denied publishes are acknowledged and dropped,
-      subscriptions are granted and filtered at delivery, as mosquitto 2.0 does).
+      subscriptions are granted and filtered at delivery, as mosquitto 2.0 does). The client id
+      must be the username (mosquitto's ``use_username_as_clientid``) unless the user is in
+      ``free_client_ids``; a client id held by another user cannot be taken over (CONNACK 2).
+      Passwords are checked off the event loop (scrypt). :meth:`EmbeddedBroker.set_auth`
+      replaces the table while running and closes the connections of users it no longer
+      accepts (removed devices, changed passwords).
 
 Packet encoding and decoding live in :mod:`tools.fleetctl.mqtt_codec`, authentication and ACL
 rules in :mod:`tools.fleetctl.broker_acl` (re-exported here).
@@ -51,6 +56,7 @@ from tools.fleetctl import FleetctlError
 from tools.fleetctl.broker_acl import AclRule, BrokerAuth, fleet_acl_rules
 from tools.fleetctl.mqtt_codec import (
     CONNACK,
+    CONNACK_BAD_ID,
     CONNACK_BAD_LOGIN,
     CONNACK_BAD_VERSION,
     CONNACK_NOT_AUTHORIZED,
@@ -265,7 +271,7 @@ class EmbeddedBroker:
             kind, flags, body = await asyncio.wait_for(self._readencode_packet(reader), 30)
             if kind != CONNECT:
                 raise MalformedPacketError(f"first packet is type {kind}, expected CONNECT")
-            session, keepalive = self._connect(body, writer)
+            session, keepalive = await self._connect(body, writer)
             if session is None:
                 return
             self._spawn(self._send_loop(session))
@@ -329,7 +335,9 @@ class EmbeddedBroker:
 
     # ---- packets -------------------------------------------------------------------------------
 
-    def _connect(self, body: bytes, writer: asyncio.StreamWriter) -> tuple[_Session | None, int]:
+    async def _connect(
+        self, body: bytes, writer: asyncio.StreamWriter
+    ) -> tuple[_Session | None, int]:
         r = PacketReader(body)
         protocol, level, flags, keepalive = r.text(), r.take(1)[0], r.take(1)[0], r.u16()
         if protocol not in ("MQTT", "MQIsdp"):
@@ -349,9 +357,7 @@ class EmbeddedBroker:
         password = r.blob() if flags & 0x40 else None
         if not client_id:
             client_id = f"auto-{next(self._anon_ids)}"
-        refusal = 0
-        if self._auth is not None and not self._auth.login_ok(username, password):
-            refusal = CONNACK_BAD_LOGIN if username is not None else CONNACK_NOT_AUTHORIZED
+        refusal = await self._refusal(client_id, username, password)
         if refusal:
             logger.info("refused MQTT client %s (user %r): rc %d", client_id, username, refusal)
             writer.write(encode_packet(CONNACK << 4, bytes((0, refusal))))
@@ -366,6 +372,51 @@ class EmbeddedBroker:
         writer.write(encode_packet(CONNACK << 4, b"\x00\x00"))
         logger.debug("MQTT client %s connected (user %r)", client_id, username)
         return session, keepalive
+
+    async def _refusal(self, client_id: str, username: str | None, password: bytes | None) -> int:
+        """The CONNACK code refusing this login, or 0 to accept it."""
+        auth = self._auth
+        if auth is None:
+            return 0
+        if username is None:
+            return CONNACK_NOT_AUTHORIZED
+        if not await asyncio.to_thread(auth.login_ok, username, password):
+            return CONNACK_BAD_LOGIN
+        if auth is not self._auth and username not in (self._auth or auth).password_hashes:
+            return CONNACK_BAD_LOGIN  # the table changed during the check
+        if not auth.client_id_ok(username, client_id):
+            return CONNACK_BAD_ID
+        holder = self._sessions.get(client_id)
+        if holder is not None and holder.username != username:
+            return CONNACK_BAD_ID  # no takeover of another user's client id
+        return 0
+
+    def set_auth(self, auth: BrokerAuth | None) -> None:
+        """Replace the login table and ACL (any thread); closes connections it no longer accepts.
+
+        A connection is closed (without its Last Will) when its user is gone from the new table
+        or has a different password hash.
+        """
+        loop = self._loop
+        if loop is None or self._thread is None:
+            self._auth = auth
+            return
+        with contextlib.suppress(RuntimeError):  # loop already closed
+            loop.call_soon_threadsafe(self._apply_auth, auth)
+
+    def _apply_auth(self, auth: BrokerAuth | None) -> None:
+        old, self._auth = self._auth, auth
+        if auth is None:
+            return
+        for session in list(self._sessions.values()):
+            user = session.username
+            new_hash = None if user is None else auth.password_hashes.get(user)
+            old_hash = None if old is None or user is None else old.password_hashes.get(user)
+            if new_hash is None or (old is not None and new_hash != old_hash):
+                logger.info("closing MQTT connection of %s: user %r no longer accepted",
+                            session.client_id, user)  # fmt: skip
+                session.will = None
+                self._close(session)
 
     def _handle(self, session: _Session, kind: int, flags: int, body: bytes) -> None:
         if kind == PUBLISH:

@@ -88,6 +88,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         client_key=Path(args.client_key) if args.client_key else None,
         prefix=args.prefix,
         results=args.results,
+        insecure_listen=args.insecure_listen,
     )
     service = ControllerService(_home(args), options)
     stop = threading.Event()
@@ -209,14 +210,22 @@ def register(commands: Any) -> None:
         "serve",
         help="run the controller: broker (embedded), repository server, ingest, rollouts, metrics",
         description="Run the controller service until SIGTERM/SIGINT. Without --broker it"
-        " starts the embedded MQTT broker on --listen.",
+        " starts the embedded MQTT broker on --listen: devices log in with the password of"
+        " their bundle, the controller with HOME/broker-password, under the fleet ACL.",
     )
     serve.add_argument("--broker", metavar="URL", help="mqtt://HOST[:PORT] or mqtts://...")
     serve.add_argument(
         "--listen",
         default="127.0.0.1:1883",
         metavar="HOST:PORT",
-        help="embedded broker address (default 127.0.0.1:1883)",
+        help="embedded broker address (default 127.0.0.1:1883; loopback only unless"
+        " --insecure-listen)",
+    )
+    serve.add_argument(
+        "--insecure-listen",
+        action="store_true",
+        help="let the embedded broker listen on a non-loopback address: logins and traffic"
+        " cross the network unencrypted (use mosquitto with TLS for a real network)",
     )
     serve.add_argument(
         "--metrics-port", type=int, default=9108, metavar="N", help="0 = off (default 9108)"

@@ -8,7 +8,10 @@ A **provisioning bundle** is a seed of the device's state directory::
     identity/client.crt, client.key, ca.crt     MQTT client certificate (CN = device id, key
                                                 0600) and the fleet CA, once a fleet CA exists
                                                 (``fleetctl broker config``)
-    agent.toml                                  [device] id and defaults to edit
+    identity/broker-password                    0600 random password for the embedded broker of
+                                                ``fleetctl serve`` (username = device id); the
+                                                registry keeps only its scrypt hash
+    agent.toml                                  [device] id, [mqtt] password_file and defaults
     device.json                                 {"device_id": ..., "public_keys": {...}}
 
 so ``edge-agent update --state BUNDLE --repo HOME/repo`` works on it directly. The bundle holds
@@ -36,6 +39,7 @@ from agent.supplychain.grants import seal_content_key
 from agent.supplychain.identity import DeviceIdentity, DevicePublicKeys
 from agent.supplychain.targets import DirectorTargetCustom
 from tools.fleetctl import FleetctlError
+from tools.fleetctl.broker_acl import hash_password, new_password
 from tools.fleetctl.home import FleetHome
 from tools.fleetctl.pki import FleetPki, IssuedCertificate
 from tools.fleetctl.registry import AssignmentRecord, DeviceRecord
@@ -50,6 +54,7 @@ __all__ = [
     "issue_device_certificate",
     "parse_model_ref",
     "remove_device",
+    "reset_broker_password",
     "write_revocation_list",
 ]
 
@@ -80,11 +85,14 @@ def parse_model_ref(ref: str) -> tuple[str, str]:
 
 
 DEFAULT_MQTT_URL = "mqtt://localhost:1883"
+BROKER_PASSWORD_FILE = "broker-password"  # noqa: S105 - a file name in the identity directory
 
 
 def _agent_toml(device_id: str, mqtt_url: str, *, tls_files: bool = False) -> str:
-    # ca/cert/key are relative to the credentials directory (<state_dir>/identity by default).
+    # ca/cert/key/password_file are relative to the credentials directory (<state_dir>/identity
+    # by default).
     tls = 'ca = "ca.crt"\ncert = "client.crt"\nkey = "client.key"\n' if tls_files else ""
+    tls += f'password_file = "{BROKER_PASSWORD_FILE}"\n'
     return (
         "# edge-agent configuration written by `fleetctl device add`; edit [mqtt] and [source].\n"
         "[device]\n"
@@ -157,10 +165,12 @@ def enrol_device(
     for name, source in roots.items():
         target_dir = ensure_private_dir(bundle / "tuf" / name)
         atomic_write(target_dir / "root.json", source.read_bytes(), mode=0o644)
+    broker_password = new_password()
+    identity_dir = ensure_private_dir(bundle / "identity")
+    atomic_write(identity_dir / BROKER_PASSWORD_FILE, broker_password + "\n", mode=0o600)
     pki = FleetPki(home.root)
     certificate: IssuedCertificate | None = None
     if pki.exists():
-        identity_dir = ensure_private_dir(bundle / "identity")
         certificate = pki.issue_client(device_id)
         certificate.write(identity_dir / "client.crt", identity_dir / "client.key")
         atomic_write(identity_dir / "ca.crt", pki.ca_cert_pem(), mode=0o644)
@@ -176,6 +186,7 @@ def enrol_device(
         record = registry.add_device(
             device_id, tags=tags, x25519_public=public.x25519, ed25519_public=public.ed25519
         )
+        registry.set_broker_credential(device_id, hash_password(broker_password))
         if certificate is not None:
             registry.add_certificate(device_id, certificate.serial_number)
     logger.info("enrolled device %s", device_id)
@@ -193,6 +204,20 @@ def issue_device_certificate(home: FleetHome, device_id: str) -> IssuedCertifica
         registry.add_certificate(device_id, issued.serial_number)
     logger.info("issued a client certificate for %s", device_id)
     return issued
+
+
+def reset_broker_password(home: FleetHome, device_id: str) -> str:
+    """A new embedded-broker password for an enrolled, active device (its hash replaces the old
+    one: the device's open connection is closed at the controller's next reload)."""
+    check_device_id(device_id)
+    password = new_password()
+    with home.registry() as registry:
+        device = registry.find_device(device_id)
+        if device is None or device.removed:
+            raise DeviceError(f"device {device_id!r}: expected an enrolled, active device")
+        registry.set_broker_credential(device_id, hash_password(password))
+    logger.info("set a new broker password for %s", device_id)
+    return password
 
 
 def write_revocation_list(home: FleetHome) -> Path | None:

@@ -9,7 +9,8 @@ returned by the listing methods; only :meth:`Registry.content_key` reads it.
 The schema is versioned with ``PRAGMA user_version``; :data:`MIGRATIONS` lists the steps, and
 opening an older file applies the missing ones in one transaction (version 2 adds
 ``device_certificates``: the serial of every client certificate issued to a device, revoked when
-the device is removed). The rollout and telemetry tables are created by their own modules.
+the device is removed; version 3 ``broker_credentials``: the scrypt hash of each device's
+embedded-broker password). The rollout and telemetry tables are created by their own modules.
 """
 
 from __future__ import annotations
@@ -85,6 +86,15 @@ MIGRATIONS: tuple[str, ...] = (
         revoked_at TEXT
     );
     CREATE INDEX device_certificates_device ON device_certificates(device_id);
+    """,
+    # The embedded broker's login of each device: a salted scrypt hash of its password
+    # (tools.fleetctl.broker_acl.hash_password); the password itself is only in the bundle.
+    """
+    CREATE TABLE broker_credentials (
+        device_id TEXT PRIMARY KEY REFERENCES devices(id),
+        password_hash TEXT NOT NULL,
+        set_at TEXT NOT NULL
+    );
     """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -462,6 +472,27 @@ class Registry:
             " ORDER BY revoked_at, rowid"
         )
         return [self._certificate(row) for row in rows]
+
+    # -- embedded broker credentials -------------------------------------------------------------
+
+    def set_broker_credential(self, device_id: str, password_hash: str) -> None:
+        """Record (or replace) the hash of an active device's embedded-broker password."""
+        if self.get_device(device_id).removed:
+            raise RegistryError(f"device {device_id!r} is removed; expected an active device")
+        self._db.execute(
+            "INSERT INTO broker_credentials (device_id, password_hash, set_at) VALUES (?, ?, ?)"
+            " ON CONFLICT(device_id) DO UPDATE SET password_hash = excluded.password_hash,"
+            " set_at = excluded.set_at",
+            (device_id, password_hash, self._now()),
+        )
+
+    def broker_credentials(self) -> dict[str, str]:
+        """Password hash per active (not removed) device: who may log in to the broker."""
+        rows = self._db.execute(
+            "SELECT c.device_id, c.password_hash FROM broker_credentials c"
+            " JOIN devices d ON d.id = c.device_id WHERE d.removed = 0 ORDER BY c.device_id"
+        )
+        return {str(row[0]): str(row[1]) for row in rows}
 
     # -- assignments -----------------------------------------------------------------------------
 

@@ -2,7 +2,13 @@
 
 What runs (each on its own thread, all stopped by :meth:`ControllerService.stop`):
 
-* the embedded MQTT broker (tools.fleetctl.broker) when no broker URL is given;
+* the embedded MQTT broker (tools.fleetctl.broker) when no broker URL is given, with logins
+  and the fleet ACL: each active device logs in with its id and the password of its bundle
+  (the registry's ``broker_credentials`` hashes), the controller as ``fleetctl`` with
+  ``HOME/broker-password``; the table is re-read every :attr:`ServeOptions.auth_reload_s`, so
+  enrolled devices get in and removed ones are disconnected and refused. It listens on
+  loopback only unless ``insecure_listen`` is set (its passwords and traffic are not
+  encrypted: a fleet across a network uses mosquitto with TLS, ``fleetctl broker config``);
 * one :class:`~agent.transport.mqtt.PahoTransport` (client id ``fleetctl-<host>-<pid>``);
 * the repository server (tools.fleetctl.reposerver) answering devices' fetch requests;
 * ingest (tools.fleetctl.ingest): the transport's handlers only enqueue, one worker thread
@@ -40,12 +46,20 @@ from tools.fleetctl import FleetctlError
 from tools.fleetctl.acks import AckBatcher
 from tools.fleetctl.home import FleetHome
 from tools.fleetctl.ingest import EnrolledDevices, Ingest, IngestStore
+from tools.fleetctl.pki import CONTROLLER_USER
 
 if TYPE_CHECKING:
     from tools.fleetctl.reposerver import RepositoryServer
     from tools.fleetctl.rollouts import RolloutEngine
 
-__all__ = ["ControllerService", "ServeError", "ServeOptions", "parse_broker_url", "parse_listen"]
+__all__ = [
+    "ControllerService",
+    "ServeError",
+    "ServeOptions",
+    "is_loopback",
+    "parse_broker_url",
+    "parse_listen",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -104,6 +118,18 @@ class ServeOptions:
     timestamp_margin: timedelta = timedelta(hours=12)
     other_roles_margin: timedelta = timedelta(hours=48)
     connect_timeout_s: float = 30.0
+    insecure_listen: bool = False
+    auth_reload_s: float = 2.0
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` is a loopback address or ``localhost``."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 class ControllerService:
@@ -134,6 +160,9 @@ class ControllerService:
         self._next_timestamp_check = 0.0
         self._last_assignment_id = self._max_assignment_id()
         self._notified_since_check: set[str] = set()
+        self._broker_auth_hashes: dict[str, str] | None = None
+        self._controller_hash = ""
+        self._next_auth_reload = 0.0
 
     # ---- lifecycle -----------------------------------------------------------------------------
 
@@ -142,10 +171,22 @@ class ControllerService:
         from agent.transport.mqtt import PahoTransport, TlsFiles  # noqa: PLC0415 - paho
 
         options = self.options
+        username = password = None
         if options.broker_url is None:
             from tools.fleetctl.broker import EmbeddedBroker  # noqa: PLC0415
+            from tools.fleetctl.broker_acl import (  # noqa: PLC0415
+                controller_password,
+                hash_password,
+            )
 
-            self.broker = EmbeddedBroker(*options.listen)
+            if not is_loopback(options.listen[0]) and not options.insecure_listen:
+                raise ServeError(
+                    f"--listen {options.listen[0]}: the embedded broker has no TLS, expected a"
+                    " loopback address (or --insecure-listen, or mosquitto via --broker)"
+                )
+            username, password = CONTROLLER_USER, controller_password(self.home.root)
+            self._controller_hash = hash_password(password)
+            self.broker = EmbeddedBroker(*options.listen, auth=self.broker_auth())
             self.broker.start()
             # A wildcard listen address is not something to connect to: use loopback then.
             host = options.listen[0]
@@ -164,7 +205,12 @@ class ControllerService:
                 key_file=options.client_key or pki / "fleetctl.key",
             )
         transport = PahoTransport(
-            host=address.host, port=address.port, client_id=self.client_id, tls=tls
+            host=address.host,
+            port=address.port,
+            client_id=self.client_id,
+            tls=tls,
+            username=username,
+            password=password,
         )
         self.transport = transport
         self._ingest_thread.start()
@@ -215,6 +261,32 @@ class ControllerService:
             self.tick()
             stop.wait(self.options.tick_s)
 
+    def broker_auth(self) -> Any:
+        """The embedded broker's :class:`BrokerAuth`: active devices' hashes, the controller's."""
+        from tools.fleetctl.broker_acl import BrokerAuth, fleet_acl_rules  # noqa: PLC0415
+
+        with self.home.registry() as registry:
+            hashes = registry.broker_credentials()
+        hashes[CONTROLLER_USER] = self._controller_hash  # never a device's, whatever its id
+        self._broker_auth_hashes = hashes
+        return BrokerAuth(
+            hashes,
+            fleet_acl_rules(self.topics, controller_user=CONTROLLER_USER),
+            free_client_ids=frozenset({CONTROLLER_USER}),
+        )
+
+    def reload_broker_auth(self) -> bool:
+        """Re-read the device credentials; True if the embedded broker got a new table."""
+        if self.broker is None:
+            return False
+        previous = self._broker_auth_hashes
+        auth = self.broker_auth()
+        if auth.password_hashes == previous:
+            return False
+        self.broker.set_auth(auth)
+        logger.info("embedded broker: %d device login(s)", len(auth.password_hashes) - 1)
+        return True
+
     def tick(self) -> None:
         """One round of periodic work (never raises: a failing round is logged)."""
         if self.rollout_engine is not None:
@@ -227,6 +299,12 @@ class ControllerService:
         except sqlite3.Error:
             logger.exception("assignment check failed")
         now = time.monotonic()
+        if self.broker is not None and now >= self._next_auth_reload:
+            self._next_auth_reload = now + self.options.auth_reload_s
+            try:
+                self.reload_broker_auth()
+            except (FleetctlError, sqlite3.Error) as exc:
+                logger.error("embedded broker logins not reloaded: %s", exc)
         if now >= self._next_timestamp_check:
             self._next_timestamp_check = now + self.options.timestamp_check_s
             try:
