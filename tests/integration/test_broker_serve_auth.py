@@ -9,8 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
-import tomllib
 
+from agent.daemon.config import load_config
 from agent.protocol.topics import Topics
 from tests.unit.test_embedded_broker import RawClient
 from tools.fleetctl import FleetctlError
@@ -46,8 +46,7 @@ def test_bundle_holds_the_password_and_the_registry_only_its_hash(
     bundle = enrol_device(home, "pi-01", out_dir=tmp_path / "b1").bundle
     path = bundle / "identity" / "broker-password"
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
-    config = tomllib.loads((bundle / "agent.toml").read_text())
-    assert config["mqtt"]["password_file"] == "broker-password"
+    assert load_config(bundle / "agent.toml").mqtt.password_file == "broker-password"
     with sqlite3.connect(home.registry_path) as db:
         (stored,) = db.execute("SELECT password_hash FROM broker_credentials").fetchone()
     password = _password(bundle)
