@@ -832,6 +832,11 @@ def main(argv: list[str] | None = None) -> int:
         ("blazeface", make_blazeface),
     ):
         if step in wanted:
+            # Reset per step: a model's bytes must not depend on which steps ran before it
+            # (torch's global RNG, Keras' layer-name counters end up in the files).
+            keras.backend.clear_session()
+            torch.manual_seed(SEED)
+            tf.random.set_seed(SEED)
             figures.update(make())
     print("\nfigures:")
     for key, value in figures.items():
