@@ -78,12 +78,18 @@ def telemetry(seq: int, *, p95: float = 12.5, boot: str = BOOT) -> bytes:
 
 
 def signed_event(
-    device_id: str, identity: DeviceIdentity, seq: int, *, kind: str = "committed"
+    device_id: str,
+    identity: DeviceIdentity,
+    seq: int,
+    *,
+    kind: str = "committed",
+    signed_extra: dict[str, str] | None = None,
 ) -> EventMessage:
     event = EventMessage(
         boot_id=BOOT, seq=seq, ts=2000.0 + seq, kind=kind, target="image/t.enc", version="2"
     )
     report = {
+        **(signed_extra or {}),
         "device_id": device_id,
         "kind": kind,
         "target": event.target,
@@ -191,6 +197,29 @@ def test_bad_signatures_are_stored_flagged(fleet: Fleet) -> None:
     assert "unsigned" in str(rows[4][3])
     assert fleet.ingest.counters.bad_signatures == 4
     assert fleet.ingest.counters.unsigned_events == 1
+
+
+def test_reason_and_previous_version_count_only_when_signed(fleet: Fleet) -> None:
+    identity = fleet.enrol("pi-01")
+    topic = TOPICS.events("pi-01")
+    extra = {"reason": "self-test failed: accuracy 0.1", "previous_version": "1"}
+    signed = signed_event("pi-01", identity, 1, kind="failed", signed_extra=extra)
+    fleet.ingest.handle(topic, encode(replace(signed, **extra)))
+    # The same fields added to an event whose report does not cover them.
+    bare = signed_event("pi-01", identity, 2, kind="failed")
+    fleet.ingest.handle(topic, encode(replace(bare, reason="made up")))
+    bare3 = signed_event("pi-01", identity, 3, kind="failed")
+    fleet.ingest.handle(topic, encode(replace(bare3, previous_version="0")))
+    # Covered, but rewritten after signing.
+    rewritten = signed_event("pi-01", identity, 4, kind="failed", signed_extra=extra)
+    fleet.ingest.handle(
+        topic, encode(replace(rewritten, reason="something else", **{"previous_version": "1"}))
+    )
+    rows = event_rows(fleet)
+    assert [r[2] for r in rows] == [1, 0, 0, 0]
+    assert "report.reason is None" in str(rows[1][3])
+    assert "report.previous_version is None" in str(rows[2][3])
+    assert "report.reason is 'self-test failed" in str(rows[3][3])
 
 
 def test_seq_gaps_are_listed(fleet: Fleet) -> None:

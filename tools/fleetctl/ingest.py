@@ -9,7 +9,8 @@
   and not a second row; :meth:`IngestStore.seq_gaps` lists holes in a boot's sequence.
 * ``events`` - update lifecycle events, unique by ``(device_id, boot_id, seq)``, with
   ``verified`` = 1 only when the event's signed ``report`` verifies with the device's Ed25519 key
-  from the registry and names the same device, kind, target, version, boot, seq and time.
+  from the registry and names the same device, kind, target, version, boot, seq and time, and
+  also the same ``reason`` and ``previous_version`` whenever the event carries them.
   Unsigned or badly signed events are kept (flagged) for the operator, never used as evidence.
 
 :class:`Ingest` turns one MQTT message into one store call. The device id comes from the topic
@@ -377,6 +378,9 @@ class IngestCounters:
     stale_wills: int = 0
 
 
+_SIGNED_WHEN_PRESENT = ("reason", "previous_version")
+
+
 def check_event_report(
     device_id: str, event: EventMessage, key: Ed25519PublicKey
 ) -> tuple[bool, str | None]:
@@ -399,6 +403,12 @@ def check_event_report(
         "seq": event.seq,
         "ts": event.ts,
     }
+    # What the event shows besides must be signed too: a reason or previous version that the
+    # report does not cover could have been rewritten on the way.
+    for name in _SIGNED_WHEN_PRESENT:
+        value = getattr(event, name)
+        if value is not None:
+            expected[name] = value
     for name, value in expected.items():
         if report.get(name) != value:
             return False, f"report.{name} is {report.get(name)!r}: expected {value!r} (the event's)"
