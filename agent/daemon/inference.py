@@ -123,6 +123,10 @@ class InferenceService:
     def activate(self, model: RunningModel) -> RunningModel | None:
         """Run ``model`` from the next frame on; returns the model that ran before (not closed).
 
+        :attr:`running` stays true to what the loop runs when this raises: ``model`` after a
+        timed-out swap (the swap itself has happened), None when the loop had to restart for
+        ``model`` and the new source did not open.
+
         Raises:
             SourceError: the source cannot be opened for this model.
             TimeoutError: the old model's frame in progress did not finish in time.
@@ -131,10 +135,17 @@ class InferenceService:
             previous = self._running
             loop = self._loop
             if loop is not None and self._sensor_of(previous) == self._sensor_of(model):
-                loop.swap(_TaggedPredictor(model, self))
-                self._running = model
+                try:
+                    loop.swap(_TaggedPredictor(model, self))
+                finally:
+                    self._running = model
             else:
-                self._start_loop(model)
+                try:
+                    self._start_loop(model)
+                except Exception:
+                    if self._loop is None:  # the old loop stopped and the new one did not start
+                        self._running = None
+                    raise
             logger.info(
                 "running %s (%s)%s",
                 model.label,

@@ -13,8 +13,10 @@ States, in the order an update goes through them::
 
 plus ``failed`` (any step before activation failed; the committed model keeps running).
 ``resolving`` ends back in ``idle`` when the device is up to date or the target is one it
-rejected before. ``idle``, ``committed``, ``rolled-back`` and ``failed`` are rest states: only
-``refresh`` leaves them, starting the next cycle.
+rejected before; ``refreshing`` and ``fetching`` end back in ``idle`` on a transport failure
+(``retry_later``: nothing is published, the target is not rejected, the next cycle retries).
+``idle``, ``committed``, ``rolled-back`` and ``failed`` are rest states: only ``refresh`` leaves
+them, starting the next cycle.
 
 Invariants:
     * :data:`TRANSITIONS` is the whole behaviour: (state, input) -> (next state, event kind).
@@ -23,6 +25,8 @@ Invariants:
     * ``fail`` is legal in every busy state before ``watching``; after activation only the watch
       verdict (``watch_passed`` / ``watch_failed``) ends the cycle, so an activated model is
       always either committed or rolled back.
+    * ``retry_later`` is legal only where the repository is read (``refreshing``, ``fetching``)
+      and publishes nothing: a lost connection is not a failure of the target.
 """
 
 from __future__ import annotations
@@ -83,6 +87,7 @@ class Input(enum.Enum):
     WATCH_PASSED = "watch-passed"
     WATCH_FAILED = "watch-failed"
     FAIL = "fail"  # the current step failed (before activation)
+    RETRY_LATER = "retry-later"  # the repository could not be read: end the cycle, retry soon
 
 
 REST_STATES = frozenset({State.IDLE, State.COMMITTED, State.ROLLED_BACK, State.FAILED})
@@ -115,6 +120,8 @@ TRANSITIONS: dict[tuple[State, Input], tuple[State, str | None]] = {
     (State.WATCHING, Input.WATCH_PASSED): (State.COMMITTED, "committed"),
     (State.WATCHING, Input.WATCH_FAILED): (State.ROLLED_BACK, "rolled-back"),
     **{(busy, Input.FAIL): (State.FAILED, "failed") for busy in _BEFORE_ACTIVATION},
+    (State.REFRESHING, Input.RETRY_LATER): (State.IDLE, None),
+    (State.FETCHING, Input.RETRY_LATER): (State.IDLE, None),
 }
 
 
@@ -166,7 +173,8 @@ class UpdateMachine:
         """Apply ``event``; returns the transition (with the event kind to publish).
 
         ``target``/``version``/``sha256`` name the target (given with ``UP_TO_DATE``, ``SKIP``
-        or ``NEW_TARGET``); ``reason`` is the one-line cause of ``FAIL``/``WATCH_FAILED``.
+        or ``NEW_TARGET``); ``reason`` is the one-line cause of ``FAIL``/``WATCH_FAILED``
+        (and, optionally, of ``RETRY_LATER``).
 
         Raises:
             UpdateStateError: ``event`` cannot happen in the current state.

@@ -4,7 +4,7 @@ A cycle runs on start, on a ``Notify`` from the controller and every ``[update]
 poll_interval_s``: refresh and resolve through
 :class:`~agent.supplychain.verify.DeviceUpdateClient` (fetcher from a factory: MQTT in
 production, a local directory for air-gapped devices and tests), download and decrypt in memory,
-``load_model(bytes)``, strict self-test, build a :class:`~agent.pipeline.predictor.Predictor`,
+``load_model``, strict self-test, build a :class:`~agent.pipeline.predictor.Predictor`,
 swap it into the running loop (the previous model stays loaded), watch it for ``watch_s``
 (inference error rate, p95 latency against ``max_latency_ms``), then commit
 (``DeviceState.record_install``) or swap back and report ``rolled-back``.
@@ -12,8 +12,17 @@ swap it into the running loop (the previous model stays loaded), watch it for ``
 Invariants:
     * ``installed.json`` changes only on commit: a crash at any point before boots the
       previously committed model.
-    * A target that failed or was rolled back is remembered by ciphertext sha256 in
-      ``failed-targets.json`` and not retried until the director names a different target.
+    * A target that failed verification, its grant, decryption, loading, its self-test,
+      activation or the watch is remembered by ciphertext sha256 in ``failed-targets.json`` and
+      not retried until the director names a different target.
+    * A transport failure (repository unreachable, download stalled or cut) ends the cycle with
+      no event and nothing remembered; the partial download is kept and resumed by the next
+      cycle, after ``retry_after_s`` (doubling up to ``poll_interval_s``).
+    * No cycle ends with the machine busy: a watch that raises fails and rolls back; a rollback
+      that cannot restore the previous model stops inference rather than run the rejected one.
+    * The decryption buffer is zeroed after loading, but the runtime keeps its own immutable
+      copy of the plaintext for as long as the model is loaded (onnxruntime takes only ``bytes``;
+      a TFLite interpreter reads its model buffer while it lives).
     * Every machine transition with an event kind becomes one signed ``EventMessage`` queued in
       the outbox (``seq`` +1 per event per boot).
 """
@@ -49,6 +58,8 @@ logger = logging.getLogger(__name__)
 FetcherFactory = Callable[[], FetcherInterface]
 #: frames (results + errors) needed before the error rate can fail a watch early
 MIN_WATCH_FRAMES = 20
+#: seconds before the first retry after a transport failure (doubling, up to the poll interval)
+RETRY_AFTER_S = 5.0
 _WATCH_STEP_S = 0.25
 
 
@@ -112,9 +123,10 @@ class EventPublisher:
         if transition.kind is None:
             return None
         context = transition.context
+        reason = context.reason if transition.kind in ("failed", "rolled-back") else None
         with self._lock:
             seq, ts = self.seq, round(self._clock(), 6)
-            report = {
+            report: dict[str, Any] = {
                 "device_id": self._device_id,
                 "kind": transition.kind,
                 "target": context.target,
@@ -124,6 +136,11 @@ class EventPublisher:
                 "seq": seq,
                 "ts": ts,
             }
+            # signed too, so a broker cannot change why a target failed or what it replaced
+            if reason is not None:
+                report["reason"] = reason
+            if context.previous_version is not None:
+                report["previous_version"] = context.previous_version
             message = EventMessage(
                 boot_id=self._boot_id,
                 seq=seq,
@@ -132,7 +149,7 @@ class EventPublisher:
                 target=context.target,
                 version=context.version,
                 previous_version=context.previous_version,
-                reason=context.reason if transition.kind in ("failed", "rolled-back") else None,
+                reason=reason,
                 report=sign_report(report, self._identity.ed25519),
             )
             try:
@@ -165,6 +182,21 @@ class _StepFailed(Exception):
     """Internal: a step before activation failed; the message is the event's reason."""
 
 
+class _TransportFailed(Exception):
+    """Internal: the repository could not be read; the message says why (not an event)."""
+
+
+def is_transport_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` means the repository could not be read (missing, unreachable, stalled,
+    cut or overlong download, not connected), rather than that what was read is bad."""
+    from tuf.api.exceptions import DownloadError  # noqa: PLC0415 - tuf
+
+    from agent.supplychain.errors import FetchError  # noqa: PLC0415
+    from agent.transport.base import TransportError  # noqa: PLC0415
+
+    return isinstance(exc, FetchError | DownloadError | TransportError)
+
+
 class UpdaterService:
     """Runs update cycles in a thread: on start, on :meth:`notify` and every poll interval."""
 
@@ -180,6 +212,7 @@ class UpdaterService:
         events: EventPublisher,
         runtime_options: Any = None,
         can_fetch: Callable[[], bool] = lambda: True,
+        retry_after_s: float = RETRY_AFTER_S,
     ) -> None:
         self.config = config
         self.state = state
@@ -190,6 +223,9 @@ class UpdaterService:
         self.events = events
         self.runtime_options = runtime_options
         self.can_fetch = can_fetch
+        self.retry_after_s = retry_after_s
+        #: transport failures in a row; the next cycle comes after a backoff while above 0
+        self.transport_failures = 0
         self.failed_targets = FailedTargets(state.root / "failed-targets.json")
         committed = state.read_installed().current
         self.machine = UpdateMachine(
@@ -218,9 +254,16 @@ class UpdaterService:
         if self._thread is not None:
             self._thread.join(timeout)
 
+    def next_wait_s(self) -> float:
+        """Seconds until the next cycle unless notified: a backoff after transport failures."""
+        poll = self.config.poll_interval_s
+        if not self.transport_failures:
+            return poll
+        return float(min(poll, self.retry_after_s * 2 ** min(self.transport_failures - 1, 16)))
+
     def _run(self) -> None:
         while not self._stop.is_set():
-            self._trigger.wait(self.config.poll_interval_s)
+            self._trigger.wait(self.next_wait_s())
             self._trigger.clear()
             if self._stop.is_set():
                 return
@@ -229,11 +272,23 @@ class UpdaterService:
                 continue
             try:
                 self.run_cycle()
-            except Exception:
+            except Exception as exc:
                 logger.exception("update cycle failed unexpectedly")
+                self._end_cycle_after(exc)
             with self.cycle_done:
                 self.cycles += 1
                 self.cycle_done.notify_all()
+
+    def _end_cycle_after(self, exc: Exception) -> None:
+        """Leave no cycle half done after an unexpected error: the next one must be able to run."""
+        from agent.daemon.update_machine import State  # noqa: PLC0415
+
+        if not self.machine.busy or self.machine.state is State.WATCHING:
+            return  # the watch always ends in a verdict (see _activate_and_watch)
+        try:
+            self._step(Input.FAIL, reason=f"update step failed: {type(exc).__name__}: {exc}")
+        except Exception:
+            logger.exception("could not end the update cycle after an error")
 
     def _step(self, event: Input, **context: Any) -> None:
         self.events.publish(self.machine.handle(event, **context))
@@ -250,13 +305,20 @@ class UpdaterService:
             )
             plan = client.refresh()
         except NoUpdateError as exc:
+            self.transport_failures = 0
             self._step(Input.REFRESHED)
             self._step(Input.SKIP)
             logger.info("no model assigned: %s", exc)
             return
         except Exception as exc:
-            self._step(Input.FAIL, reason=f"refresh failed: {type(exc).__name__}: {exc}")
+            reason = f"refresh failed: {type(exc).__name__}: {exc}"
+            if is_transport_failure(exc):
+                self._retry_later(reason)
+                return
+            self.transport_failures = 0
+            self._step(Input.FAIL, reason=reason)
             return
+        self.transport_failures = 0
         self._step(Input.REFRESHED)
         card = plan.card
         named = {"target": plan.target_path, "version": card.version, "sha256": plan.sha256}
@@ -271,6 +333,9 @@ class UpdaterService:
         self._step(Input.NEW_TARGET, **named)
         try:
             running, verified = self._prepare(client, plan)
+        except _TransportFailed as exc:
+            self._retry_later(str(exc))
+            return
         except _StepFailed as exc:
             reason = str(exc)
             self._step(Input.FAIL, reason=reason)
@@ -279,6 +344,12 @@ class UpdaterService:
             )
             return
         self._activate_and_watch(running, verified)
+
+    def _retry_later(self, reason: str) -> None:
+        """End the cycle after a transport failure: nothing remembered, a retry soon."""
+        self.transport_failures += 1
+        self._step(Input.RETRY_LATER, reason=reason)
+        logger.warning("%s; trying again in %.1f s", reason, self.next_wait_s())
 
     def _prepare(self, client: Any, plan: Any) -> tuple[RunningModel, Any]:
         """Fetch, verify, unseal, decrypt, load, self-test and build the predictor."""
@@ -290,17 +361,19 @@ class UpdaterService:
         try:
             verified = self._fetch_verified(client, plan)
         except Exception as exc:
-            raise _StepFailed(f"download/verification failed: {type(exc).__name__}: {exc}") from exc
+            reason = f"download/verification failed: {type(exc).__name__}: {exc}"
+            if is_transport_failure(exc):
+                raise _TransportFailed(reason) from exc
+            raise _StepFailed(reason) from exc
         for event in (Input.FETCHED, Input.VERIFIED, Input.UNSEALED, Input.DECRYPTED):
             self._step(event)
         try:
-            model = load_model(
-                bytes(verified.plaintext), format=card.format, options=self.runtime_options
-            )
+            # load_model makes the one immutable copy the runtime keeps (see the module notes)
+            model = load_model(verified.plaintext, format=card.format, options=self.runtime_options)
         except Exception as exc:
             raise _StepFailed(f"model did not load: {type(exc).__name__}: {exc}") from exc
         finally:
-            verified.plaintext[:] = b"\0" * len(verified.plaintext)
+            verified.plaintext[:] = bytes(len(verified.plaintext))
         self._step(Input.LOADED)
         try:
             run_self_test(model, card, strict=True)
@@ -335,18 +408,23 @@ class UpdaterService:
             return client.fetch_and_decrypt(plan)
 
     def _activate_and_watch(self, running: RunningModel, verified: Any) -> None:
+        before = self.inference.running
         try:
             previous = self.inference.activate(running)
         except Exception as exc:
-            running.close()
             reason = f"activation failed: {type(exc).__name__}: {exc}"
-            self._step(Input.FAIL, reason=reason)
+            problem = self._fall_back(before, running)
+            self._step(Input.FAIL, reason=reason + problem)
             self.failed_targets.remember(
                 running.sha256, target=running.target, version=running.version, reason=reason
             )
             return
         self._step(Input.ACTIVATED)
-        verdict = self.watch()
+        try:
+            verdict = self.watch()
+        except Exception as exc:
+            logger.exception("watching %s failed", running.label)
+            verdict = WatchVerdict(False, f"watch failed: {type(exc).__name__}: {exc}")
         if verdict is None:
             logger.info("stopping during the watch of %s: not committed", running.label)
             return
@@ -360,15 +438,35 @@ class UpdaterService:
             if previous is not None:
                 previous.close()
             return
-        if previous is not None:
-            self.inference.activate(previous)
-        else:
-            self.inference.deactivate()
-        running.close()
-        self._step(Input.WATCH_FAILED, reason=verdict.reason)
+        problem = self._fall_back(previous, running)
+        self._step(Input.WATCH_FAILED, reason=verdict.reason + problem)
         self.failed_targets.remember(
             running.sha256, target=running.target, version=running.version, reason=verdict.reason
         )
+
+    def _fall_back(self, previous: RunningModel | None, rejected: RunningModel) -> str:
+        """Run ``previous`` again (nothing when None) instead of ``rejected``, close ``rejected``.
+
+        Returns "" or "; restoring ... failed: why" (inference is then stopped) for the reason.
+        """
+        problem = ""
+        try:
+            if previous is not None:
+                if self.inference.running is not previous:
+                    self.inference.activate(previous)
+            else:
+                self.inference.deactivate()
+        except Exception as exc:
+            label = previous.label if previous is not None else "no model"
+            problem = f"; restoring {label} failed: {type(exc).__name__}: {exc}"
+            logger.error("restoring %s after %s failed: %s", label, rejected.label, exc)
+            if previous is None or self.inference.running is not previous:
+                try:
+                    self.inference.deactivate()
+                except Exception:
+                    logger.exception("stopping inference after a failed restore failed")
+        rejected.close()
+        return problem
 
     def watch(self) -> WatchVerdict | None:
         """Watch the running model for ``watch_s``; None when stopped meanwhile."""

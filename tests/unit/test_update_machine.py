@@ -133,3 +133,25 @@ def test_failure_needs_a_reason() -> None:
     with pytest.raises(UpdateStateError, match="expected a reason"):
         machine.handle(Input.FAIL)
     assert machine.state is State.REFRESHING
+
+
+@pytest.mark.parametrize("reading", [TO_ACTIVATED[:1], TO_ACTIVATED[:3]])
+def test_transport_failure_ends_the_cycle_quietly(
+    reading: list[tuple[Input, dict[str, str]]],
+) -> None:
+    machine = UpdateMachine(previous_version="1.0.0")
+    run(machine, reading)
+    last = machine.handle(Input.RETRY_LATER, reason="download/verification failed: stalled")
+    assert (last.new, last.kind) == (State.IDLE, None)
+    assert not machine.busy
+    assert machine.handle(Input.REFRESH).new is State.REFRESHING  # the retry may start
+
+
+@pytest.mark.parametrize("steps", [[], TO_ACTIVATED[:2], TO_ACTIVATED[:5], TO_ACTIVATED])
+def test_transport_failure_is_refused_where_nothing_is_read(
+    steps: list[tuple[Input, dict[str, str]]],
+) -> None:
+    machine = UpdateMachine()
+    run(machine, steps)
+    with pytest.raises(UpdateStateError, match="update step 'retry-later' in state"):
+        machine.handle(Input.RETRY_LATER, reason="stalled")
