@@ -204,7 +204,8 @@ def test_reason_and_previous_version_count_only_when_signed(fleet: Fleet) -> Non
     topic = TOPICS.events("pi-01")
     extra = {"reason": "self-test failed: accuracy 0.1", "previous_version": "1"}
     signed = signed_event("pi-01", identity, 1, kind="failed", signed_extra=extra)
-    fleet.ingest.handle(topic, encode(replace(signed, **extra)))
+    reason, previous = extra["reason"], extra["previous_version"]
+    fleet.ingest.handle(topic, encode(replace(signed, reason=reason, previous_version=previous)))
     # The same fields added to an event whose report does not cover them.
     bare = signed_event("pi-01", identity, 2, kind="failed")
     fleet.ingest.handle(topic, encode(replace(bare, reason="made up")))
@@ -213,7 +214,7 @@ def test_reason_and_previous_version_count_only_when_signed(fleet: Fleet) -> Non
     # Covered, but rewritten after signing.
     rewritten = signed_event("pi-01", identity, 4, kind="failed", signed_extra=extra)
     fleet.ingest.handle(
-        topic, encode(replace(rewritten, reason="something else", **{"previous_version": "1"}))
+        topic, encode(replace(rewritten, reason="something else", previous_version=previous))
     )
     rows = event_rows(fleet)
     assert [r[2] for r in rows] == [1, 0, 0, 0]
