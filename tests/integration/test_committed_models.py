@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 
@@ -41,3 +43,25 @@ def test_held_out_digits_have_the_documented_shape() -> None:
     assert images.shape[1:] == (8, 8)
     assert labels.shape == (images.shape[0],)
     assert set(np.unique(labels).tolist()) == set(range(10))
+
+
+def test_vibration_recording_is_a_200_hz_three_axis_csv() -> None:
+    lines = (MODELS / "vibration_test.csv").read_text().splitlines()
+    assert lines[0] == "timestamp,ax,ay,az"
+    rows = np.array([[float(v) for v in line.split(",")] for line in lines[1:]])
+    assert rows.shape == (800, 4)
+    np.testing.assert_allclose(np.diff(rows[:, 0]), 0.005, atol=1e-6)
+    assert np.all(np.isfinite(rows))
+    # Healthy z sits on gravity; the documented fault (rows 400-463) drifts x away from it.
+    assert abs(np.median(rows[:400, 3]) - 1.0) < 0.2
+    assert np.ptp(rows[400:464, 1]) > np.ptp(rows[:400, 1])
+
+
+def test_astronaut_reference_box_lies_on_the_photo() -> None:
+    reference = json.loads((MODELS / "astronaut.json").read_text())
+    photo = cv2.imdecode(np.frombuffer((MODELS / reference["image"]).read_bytes(), np.uint8), 1)
+    assert photo is not None, "astronaut.jpg: expected a decodable JPEG"
+    assert photo.shape == (reference["size"][1], reference["size"][0], 3)
+    x1, y1, x2, y2 = reference["face_box"]
+    assert 0 <= x1 < x2 <= photo.shape[1] and 0 <= y1 < y2 <= photo.shape[0]
+    assert 0.5 < reference["face_score"] <= 1.0
