@@ -14,6 +14,7 @@ __all__ = [
     "GrantError",
     "IdentityError",
     "MetadataError",
+    "NamespaceMismatchError",
     "NoUpdateError",
     "ReportError",
     "RollbackError",
@@ -70,6 +71,10 @@ class NoUpdateError(VerificationError):
 
 class MetadataError(VerificationError):
     """Repository metadata failed TUF verification (signatures, versions, expiry, format)."""
+
+
+class NamespaceMismatchError(MetadataError):
+    """Director metadata does not name this device in its signed part (another namespace's)."""
 
 
 class SignatureError(MetadataError):

@@ -4,7 +4,9 @@
 
 1. refresh the device's director namespace and the image repository with ``tuf.ngclient``
    (root chain, timestamp, snapshot, targets: signatures, thresholds, versions, expiry and
-   lengths are ngclient's job, bounded by :class:`UpdateLimits`);
+   lengths are ngclient's job, bounded by :class:`UpdateLimits`); director timestamp, snapshot
+   and targets must name this device in their signed ``device_id``, checked before ngclient
+   sees them (:mod:`agent.supplychain.namespace`);
 2. take the director's one target for this device and require the image repository to sign a
    target with the same path, length and hashes (a director alone cannot install anything);
 3. strictly parse both ``custom`` fields (card, encryption, grant) and cross-check them;
@@ -41,6 +43,7 @@ from agent.supplychain import errors
 from agent.supplychain.envelope import SegmentDecryptor, decrypt_to_memory
 from agent.supplychain.grants import open_grant
 from agent.supplychain.identity import DeviceIdentity
+from agent.supplychain.namespace import DirectorNamespaceFetcher
 from agent.supplychain.store import DeviceState, InstalledTarget
 from agent.supplychain.targets import (
     MAX_MODEL_BYTES,
@@ -188,10 +191,14 @@ class DeviceUpdateClient:
     def _updater(self, repository: Literal["image", "director"]) -> Any:
         self.state.bootstrap_root(repository)
         metadata_dir = self.state.tuf_dir(repository)
+        fetcher = self.fetcher
         if repository == "image":
             base, targets_base = IMAGE_METADATA_URL, IMAGE_TARGETS_URL
         else:
             base, targets_base = director_metadata_url(self.device_id), None
+            # Another namespace's metadata (same director keys) is refused before ngclient
+            # trusts and persists it; see agent.supplychain.namespace.
+            fetcher = DirectorNamespaceFetcher(fetcher, device_id=self.device_id, base_url=base)
         with _tuf_errors(f"{repository} trusted root"):
             try:
                 # bootstrap=None: the cached root.json (provisioned, then advanced by
@@ -200,7 +207,7 @@ class DeviceUpdateClient:
                     str(metadata_dir),
                     base,
                     target_base_url=targets_base,
-                    fetcher=self.fetcher,
+                    fetcher=fetcher,
                     config=self.limits.updater_config(),
                     bootstrap=None,
                 )

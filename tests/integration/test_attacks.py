@@ -182,6 +182,66 @@ def test_compromised_director_key_cannot_swap_bytes_of_a_signed_path(
     installed.attempt(errors.TargetMismatchError)
 
 
+# -- another device's director namespace ----------------------------------------------------
+
+
+class NamespaceSwappingFetcher(LocalDirectoryFetcher):
+    """A hostile broker: answers ``director/{victim}/...`` with ``director/{other}/...`` files."""
+
+    def __init__(self, root: Path, *, victim: str, other: str) -> None:
+        super().__init__(root, stall_timeout=5.0)
+        self.victim_prefix = f"repo://director/{victim}/"
+        self.other_prefix = f"repo://director/{other}/"
+
+    def resolve(self, url: str) -> Path:
+        return super().resolve(url.replace(self.victim_prefix, self.other_prefix, 1))
+
+
+def test_another_devices_director_metadata_is_refused_before_it_is_trusted(
+    installed: Installed,
+) -> None:
+    world = installed.world
+    world.add_device("pi-02")
+    v2 = _publish_v2(installed)
+    for _ in range(3):  # pi-02's namespace now has higher versions than pi-01's
+        world.assign("pi-02", v2)
+    trusted = installed.state.tuf_dir("director") / "timestamp.json"
+    trusted_before = trusted.read_bytes()
+    swapping = NamespaceSwappingFetcher(world.repo_dir, victim=DEVICE, other="pi-02")
+    error = installed.attempt(errors.NamespaceMismatchError, fetcher=swapping)
+    assert "expected signed device_id 'pi-01', got 'pi-02'" in str(error)
+    # Nothing of pi-02's was trusted, so pi-01's own (lower) versions still update it.
+    assert trusted.read_bytes() == trusted_before
+    verified = world.update(DEVICE)
+    assert bytes(verified.plaintext) == v2.plaintext
+
+
+def _publish_without_device_id(installed: Installed, unbound_role: str) -> None:
+    """New targets, snapshot and timestamp versions, correctly signed; one lacks device_id."""
+    ns = installed.world.director.namespace(DEVICE)
+    targets, snapshot, timestamp = ns.open("targets"), ns.open("snapshot"), ns.open("timestamp")
+    targets.signed.version += 1
+    snapshot.signed.version += 1
+    snapshot.signed.meta["targets.json"].version = targets.signed.version
+    timestamp.signed.version += 1
+    timestamp.signed.snapshot_meta.version = snapshot.signed.version
+    for md in (targets, snapshot, timestamp):
+        if md.signed.type == unbound_role:
+            del md.signed.unrecognized_fields["device_id"]
+        ns.sign(md, ns.signers(md.signed.type))
+        ns.write(md)
+
+
+@pytest.mark.parametrize("unbound_role", ["timestamp", "snapshot", "targets"])
+def test_director_metadata_without_a_device_id_is_refused(
+    installed: Installed, unbound_role: str
+) -> None:
+    _publish_v2(installed)
+    _publish_without_device_id(installed, unbound_role)
+    error = installed.attempt(errors.NamespaceMismatchError)
+    assert "expected signed device_id 'pi-01', got None" in str(error)
+
+
 # -- endless data and slow retrieval -----------------------------------------------------------
 
 

@@ -23,6 +23,7 @@ from tuf.ngclient.fetcher import FetcherInterface
 from agent.cli import main as edge_agent
 from agent.modelcard import ModelCard, card_from_json
 from agent.supplychain.envelope import encrypt_bytes, new_content_key
+from agent.supplychain.errors import NamespaceMismatchError
 from agent.supplychain.fetcher import LocalDirectoryFetcher
 from agent.supplychain.grants import Grant, seal_content_key
 from agent.supplychain.identity import DeviceIdentity
@@ -243,6 +244,29 @@ def test_two_devices_get_their_own_grants(world: SupplyChainWorld) -> None:
     world.assign("pi-02", v1)
     assert bytes(world.update("pi-01").plaintext) == v1.plaintext
     assert bytes(world.update("pi-02").plaintext) == v1.plaintext
+
+
+def test_a_namespace_signed_before_the_device_binding_updates_once_the_controller_binds_it(
+    world: SupplyChainWorld,
+) -> None:
+    # A controller that predates the signed device_id wrote pi-01's namespace and the device
+    # trusted it; then both are upgraded. The device refuses the unbound metadata until the
+    # controller's next re-signing binds the namespace, and then updates normally.
+    state = world.add_device("pi-01")
+    v1 = world.publish("detector", "1")
+    world.assign("pi-01", v1)
+    ns = world.director.namespace("pi-01")
+    for role in ("targets", "snapshot", "timestamp"):
+        md = ns.open(role)
+        del md.signed.unrecognized_fields["device_id"]
+        ns.sign(md, ns.signers(role))
+        ns.write(md)
+        (state.tuf_dir("director") / f"{role}.json").write_bytes(md.to_bytes())
+    assert not ns.is_bound()
+    with pytest.raises(NamespaceMismatchError, match="expected signed device_id 'pi-01', got None"):
+        world.update("pi-01")
+    assert world.director.refresh_timestamps() == ["pi-01"]  # what serve/timestamp refresh do
+    assert bytes(world.update("pi-01").plaintext) == v1.plaintext
 
 
 def test_cli_update_with_a_real_model_runs_the_self_test(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -9,7 +11,7 @@ from typing import Any
 import pytest
 from securesystemslib.signer import CryptoSigner  # type: ignore[attr-defined]
 from tuf.api.exceptions import UnsignedMetadataError
-from tuf.api.metadata import Metadata, Root  # type: ignore[attr-defined]
+from tuf.api.metadata import Metadata, Root, TargetFile, Targets  # type: ignore[attr-defined]
 
 from agent.protocol.topics import RESERVED_DEVICE_IDS
 from tools.fleetctl.keys import KeyStore
@@ -20,6 +22,7 @@ from tools.fleetctl.repository import (
     ImageRepository,
     RepositoryError,
     TargetEntry,
+    TufRepository,
     check_device_id,
     check_target_path,
 )
@@ -164,6 +167,100 @@ def test_director_namespaces_share_root_and_follow_rotation(tmp_path: Path) -> N
     assert director.refresh_timestamps() == ["pi-01", "pi-02"]
     with pytest.raises(RepositoryError, match="no director namespace"):
         director.assign("pi-09", {})
+
+
+BOUND_ROLES = ("targets", "snapshot", "timestamp")
+
+
+def _signed_device_ids(ns: TufRepository) -> dict[str, Any]:
+    """The signed ``device_id`` of each non-root role, as written on disk."""
+    return {
+        role: json.loads(ns.metadata_path(role).read_bytes())["signed"].get("device_id")
+        for role in BOUND_ROLES
+    }
+
+
+def _assert_bound_and_signed(director: DirectorRepository, device_id: str) -> None:
+    ns = director.namespace(device_id)
+    assert _signed_device_ids(ns) == dict.fromkeys(BOUND_ROLES, device_id)
+    assert "device_id" not in json.loads(ns.metadata_path("root").read_bytes())["signed"]
+    assert ns.is_bound()
+    for role in ROLES:
+        ns.verify(role)
+    assert ns.timestamp().snapshot_meta.version == ns.snapshot().version
+    assert ns.snapshot().meta["targets.json"].version == ns.targets().version
+
+
+def test_every_director_role_but_root_is_signed_for_its_device(tmp_path: Path) -> None:
+    keys = KeyStore(tmp_path / "keys")
+    director = DirectorRepository.create(tmp_path / "director", tmp_path / "droot", keys)
+    director.add_device("pi-01")
+    director.add_device("pi-02")
+    steps: list[Callable[[], object]] = [
+        lambda: None,
+        lambda: director.assign("pi-01", {PATH: TargetEntry(5, {"sha256": "ab" * 32}, {})}),
+        director.refresh_timestamps,
+        lambda: director.refresh_expiring(timedelta(days=30)),
+        lambda: director.rotate_keys("snapshot"),
+        lambda: director.rotate_keys("targets"),
+        lambda: director.assign("pi-01", {}),
+    ]
+    for step in steps:
+        step()
+        _assert_bound_and_signed(director, "pi-01")
+        _assert_bound_and_signed(director, "pi-02")
+    assert director.bind_namespaces() == []
+    # The device id is covered by the signatures.
+    path = director.namespace("pi-01").metadata_path("timestamp")
+    document = json.loads(path.read_bytes())
+    document["signed"]["device_id"] = "pi-02"
+    path.write_text(json.dumps(document))
+    with pytest.raises(RepositoryError, match="timestamp"):
+        director.namespace("pi-01").verify("timestamp")
+
+
+def _write_unbound_namespace(director: DirectorRepository, device_id: str) -> TufRepository:
+    """A namespace as it was written before the signed device id existed."""
+    legacy = TufRepository(
+        director.base_dir / device_id / "metadata",
+        director.keys,
+        key_namespace="director",
+        expiry=director.expiry,
+    )
+    for version in range(1, director.root_chain.latest_version("root") + 1):
+        legacy.write(director.root_chain.open("root", version))
+    legacy.publish_targets(Targets(), initial=True)
+    legacy.set_targets({PATH: TargetFile(5, {"sha256": "ab" * 32}, PATH)})
+    return legacy
+
+
+@pytest.mark.parametrize(
+    "operation",
+    ["assign", "refresh_timestamps", "refresh_expiring", "rotate_timestamp", "bind_namespaces"],
+)
+def test_a_namespace_written_before_the_binding_is_bound_by_the_next_change(
+    tmp_path: Path, operation: str
+) -> None:
+    keys = KeyStore(tmp_path / "keys")
+    director = DirectorRepository.create(tmp_path / "director", tmp_path / "droot", keys)
+    legacy = _write_unbound_namespace(director, "pi-01")
+    assert _signed_device_ids(legacy) == dict.fromkeys(BOUND_ROLES)
+    assert not director.namespace("pi-01").is_bound()
+    before = {role: legacy.open(role).signed.version for role in BOUND_ROLES}
+    if operation == "assign":
+        director.assign("pi-01", {PATH: TargetEntry(5, {"sha256": "cd" * 32}, {})})
+    elif operation == "refresh_timestamps":
+        assert director.refresh_timestamps() == ["pi-01"]
+    elif operation == "refresh_expiring":
+        director.refresh_expiring(timedelta(hours=1))  # nothing is close to expiry
+    elif operation == "rotate_timestamp":
+        director.rotate_keys("timestamp")
+    else:
+        assert director.bind_namespaces() == ["pi-01"]
+    _assert_bound_and_signed(director, "pi-01")
+    for role in BOUND_ROLES:
+        assert legacy.open(role).signed.version > before[role], role
+    assert PATH in legacy.targets().targets
 
 
 @pytest.mark.parametrize("bad", ["", "Pi-01", "-pi", "a" * 64, "pi/01", "pi 01", "../x", "pi.01"])

@@ -6,19 +6,37 @@ canonical director root chain that every namespace copies. Each namespace is a
 :class:`~tools.fleetctl.repository.TufRepository`, so the invariants of
 :mod:`tools.fleetctl.repository` (atomic writes, no version reuse, thresholds, snapshot and
 timestamp re-signed after every targets change) hold per device. Assigning ``{}`` revokes.
+
+Binding: a namespace is a :class:`DeviceNamespace`, which writes ``"device_id": "<id>"`` into the
+signed part of every timestamp, snapshot and targets it signs (python-tuf keeps unrecognized
+fields of ``Signed`` and signs them). Devices refuse director metadata without their own id
+(:mod:`agent.supplychain.namespace`), so a broker cannot serve one device another's namespace.
+Namespaces written before the binding existed are re-signed in full (targets, snapshot,
+timestamp) the first time they are assigned, refreshed or rotated (:meth:`DeviceNamespace.bind`;
+``fleetctl timestamp refresh`` binds every namespace at once).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 from collections.abc import Callable, Mapping
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Any
 
-from tuf.api.metadata import Metadata, Root, TargetFile, Targets  # type: ignore[attr-defined]
+from tuf.api.metadata import (  # type: ignore[attr-defined]
+    Metadata,
+    Root,
+    Snapshot,
+    TargetFile,
+    Targets,
+    Timestamp,
+)
 
 from agent.atomicio import ensure_private_dir
+from agent.supplychain.namespace import DEVICE_ID_FIELD
 from tools.fleetctl.keys import KeyStore
 from tools.fleetctl.repository import (
     DIRECTOR_EXPIRY,
@@ -33,7 +51,78 @@ from tools.fleetctl.repository import (
     check_target_path,
 )
 
-__all__ = ["DirectorRepository"]
+__all__ = ["DeviceNamespace", "DirectorRepository"]
+
+logger = logging.getLogger(__name__)
+
+_BOUND_ROLES = (Targets.type, Snapshot.type, Timestamp.type)
+
+
+class DeviceNamespace(TufRepository):
+    """One device's director namespace: every non-root role it signs names the device.
+
+    Args:
+        metadata_dir: ``repo/director/{device_id}/metadata``.
+        keys: the key store with the director keys.
+        device_id: the device this namespace belongs to (written as signed ``device_id``).
+        expiry: validity periods per role.
+        clock: the current time (UTC).
+    """
+
+    def __init__(
+        self,
+        metadata_dir: str | os.PathLike[str],
+        keys: KeyStore,
+        *,
+        device_id: str,
+        expiry: ExpiryPolicy,
+        clock: Callable[[], datetime] = _utcnow,
+    ) -> None:
+        super().__init__(metadata_dir, keys, key_namespace="director", expiry=expiry, clock=clock)
+        self.device_id = check_device_id(device_id)
+
+    def commit(
+        self,
+        md: Metadata[Any],
+        *,
+        expires: datetime | timedelta | None = None,
+        bump: bool = True,
+    ) -> Metadata[Any]:
+        """Like :meth:`TufRepository.commit`, with the signed ``device_id`` set first."""
+        if md.signed.type in _BOUND_ROLES:
+            md.signed.unrecognized_fields[DEVICE_ID_FIELD] = self.device_id
+        return super().commit(md, expires=expires, bump=bump)
+
+    def is_bound(self) -> bool:
+        """True when the latest targets, snapshot and timestamp all name this device."""
+        return all(
+            self.open(role).signed.unrecognized_fields.get(DEVICE_ID_FIELD) == self.device_id
+            for role in _BOUND_ROLES
+        )
+
+    def bind(self) -> bool:
+        """Re-sign targets, snapshot and timestamp if any lacks the device id; True if it did."""
+        if self.is_bound():
+            return False
+        self.publish_targets(self.targets())
+        logger.info("director/%s: re-signed with the signed device id", self.device_id)
+        return True
+
+    def refresh_timestamp(self, expires: datetime | timedelta | None = None) -> Timestamp:
+        """Re-sign the timestamp (binding the whole namespace first if it is not yet)."""
+        self.bind()
+        return super().refresh_timestamp(expires)
+
+    def refresh_expiring(self, margin: timedelta) -> list[str]:
+        """Re-sign what expires within ``margin``; everything if the namespace was unbound."""
+        if self.bind():
+            return [Targets.type, Snapshot.type, Timestamp.type]
+        return super().refresh_expiring(margin)
+
+    def resign_after_rotation(self, role: str) -> None:
+        """Re-sign after ``role``'s rotation (all of targets/snapshot/timestamp if unbound)."""
+        if not self.bind():
+            super().resign_after_rotation(role)
 
 
 class DirectorRepository:
@@ -92,13 +181,13 @@ class DirectorRepository:
         ensure_private_dir(director.base_dir, mode=0o755)
         return director
 
-    def namespace(self, device_id: str) -> TufRepository:
+    def namespace(self, device_id: str) -> DeviceNamespace:
         """The TUF repository of one device (``repo/director/{device_id}/metadata``)."""
         check_device_id(device_id)
-        return TufRepository(
+        return DeviceNamespace(
             self.base_dir / device_id / "metadata",
             self.keys,
-            key_namespace="director",
+            device_id=device_id,
             expiry=self.expiry,
             clock=self._clock,
         )
@@ -113,7 +202,7 @@ class DirectorRepository:
             if _is_device_id(name) and (self.base_dir / name / "metadata").is_dir()
         )
 
-    def add_device(self, device_id: str) -> TufRepository:
+    def add_device(self, device_id: str) -> DeviceNamespace:
         """Create a device namespace: the root chain plus empty targets, snapshot, timestamp."""
         ns = self.namespace(device_id)
         if ns.exists():
@@ -147,6 +236,10 @@ class DirectorRepository:
         for device_id in devices:
             self.namespace(device_id).refresh_timestamp(expires)
         return devices
+
+    def bind_namespaces(self) -> list[str]:
+        """Re-sign every namespace that lacks the signed device id; returns those device ids."""
+        return [d for d in self.devices() if self.namespace(d).bind()]
 
     def refresh_expiring(self, margin: timedelta) -> dict[str, list[str]]:
         """Per device, re-sign what expires within ``margin`` (timestamps always)."""
