@@ -90,7 +90,7 @@ class Fleet:
             (
                 device_id,
                 self._seq,
-                self.clock.now,
+                extra.get("ts", self.clock.now),
                 self.clock.now,
                 kind,
                 self.targets[version],
@@ -209,11 +209,14 @@ def test_abort_on_failures_rolls_updated_devices_back(fleet: Fleet) -> None:
     devices = {d.device_id: d for d in rollout.devices}
     assert devices["pi-01"].reason == "failed: self-test failed: vector 'digit-3'"
     for device_id in ("pi-00", "pi-01", "pi-02"):
-        assert devices[device_id].rolled_back_to == "digits@1"
         assert fleet.director_targets(device_id) == [v1]
-    assert not devices["pi-03"].rolled_back_at
+    # Only the device that ran digits@2 is rolled back; the failed ones already run digits@1.
+    assert devices["pi-00"].rolled_back_to == "digits@1" and devices["pi-00"].rolled_back_at
+    for device_id in ("pi-01", "pi-02", "pi-03"):
+        assert not devices[device_id].rolled_back_at and not devices[device_id].rolled_back_to
     assert sorted(fleet.notified) == ["pi-00", "pi-01", "pi-02"]
-    assert rollout.counts()["rolled-back"] == 3
+    counts = rollout.counts()
+    assert (counts["failed"], counts["cancelled"], counts["rolled-back"]) == (2, 2, 1)
     with fleet.home.registry() as registry:
         assert registry.devices_running("digits", "2") == []
         assert registry.devices_running("digits", "1") == fleet.devices
@@ -232,7 +235,8 @@ def test_devices_without_a_previous_model_get_an_empty_target_list(tmp_path: Pat
         fleet.engine.tick()
         rollout = fleet.store.get(rollout_id)
         assert rollout.state == "aborted"
-        assert rollout.devices[0].rolled_back_to == "(none)"
+        assert rollout.devices[0].rolled_back_to is None  # failed: not counted as rolled back
+        assert rollout.counts()["rolled-back"] == 0
         assert fleet.director_targets("pi-00") == []
         with fleet.home.registry() as registry:
             assert registry.current_assignment("pi-00") is None
@@ -253,6 +257,21 @@ def test_unverified_and_earlier_events_are_not_evidence(fleet: Fleet) -> None:
     fleet.commit("pi-00")
     fleet.engine.tick()
     assert fleet.store.get(rollout_id).state == "succeeded"
+
+
+def test_an_outcome_signed_before_the_assignment_is_not_evidence(fleet: Fleet) -> None:
+    rollout_id = fleet.deploy(devices=["pi-00"])
+    fleet.engine.tick()
+    assigned_at = fleet.store.get(rollout_id).devices[0].assigned_at
+    assert assigned_at is not None
+    fleet.clock.now += 30.0
+    # A `committed` signed before this assignment (withheld by a broker, released now).
+    fleet.event("pi-00", "committed", ts=assigned_at - 0.5)
+    fleet.engine.tick()
+    assert fleet.statuses(rollout_id)["pi-00"] == "updating"
+    fleet.event("pi-00", "failed", ts=assigned_at, reason="self-test failed")  # at: it counts
+    fleet.engine.tick()
+    assert fleet.statuses(rollout_id)["pi-00"] == "failed"
 
 
 def test_abort_on_latency_regression(fleet: Fleet) -> None:

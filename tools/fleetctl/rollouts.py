@@ -9,12 +9,17 @@ the requests and moves every active rollout on, with the decisions of
   ``notify(device_id)``; the engine first remembers each device's previous assignment and the
   highest ``events.id``, so only later events count;
 - outcomes come from the ingested events (``tools.fleetctl.ingest``) with ``verified = 1`` for the
-  rollout's target path: ``committed`` or ``up-to-date`` -> succeeded, ``failed`` or
-  ``rolled-back`` -> failed (with the device's reason); none within the device timeout -> timed out;
+  rollout's target path, stored after the mark and signed (``ts``) at or after the device's
+  assignment time, so an outcome withheld from an earlier rollout of the same target cannot be
+  released into this one (devices need a synchronised clock): ``committed`` or ``up-to-date``
+  -> succeeded, ``failed`` or ``rolled-back`` -> failed (with the device's reason); none within
+  the device timeout -> timed out;
 - the latency check reads ingest's ``telemetry`` rows (``model`` = ``name@version``, ``p95_ms``);
 - an abort re-assigns every device the rollout assigned to its previous model (a fresh grant and
   new director metadata) and notifies it; a device that had no previous model gets an empty
   director target list and its registry assignment ends, as for ``fleetctl device remove``.
+  Only devices that had not failed count as rolled back: a failed device already runs its
+  previous model, so its director metadata is restored without marking it (no double count).
 
 A rollback (``fleetctl rollback``) is a rollout of kind ``rollback``: one wave with every device,
 no abort criteria; it waits for the devices' outcomes like a deploy.
@@ -162,9 +167,16 @@ class RolloutEngine:
     def _outcome(self, device: RolloutDevice, target: str) -> tuple[str, str | None] | None:
         """The first verified outcome event for ``target`` since the device was assigned."""
         row = self.store.db.execute(
-            "SELECT kind, reason FROM events WHERE device_id = ? AND id > ? AND target = ?"
-            " AND verified = 1 AND kind IN (?, ?, ?, ?) ORDER BY id LIMIT 1",
-            (device.device_id, device.events_mark or 0, target, *_SUCCESS_KINDS, *_FAILURE_KINDS),
+            "SELECT kind, reason FROM events WHERE device_id = ? AND id > ? AND ts >= ?"
+            " AND target = ? AND verified = 1 AND kind IN (?, ?, ?, ?) ORDER BY id LIMIT 1",
+            (
+                device.device_id,
+                device.events_mark or 0,
+                device.assigned_at or 0.0,
+                target,
+                *_SUCCESS_KINDS,
+                *_FAILURE_KINDS,
+            ),
         ).fetchone()
         if row is None:
             return None
@@ -314,6 +326,14 @@ class RolloutEngine:
             self.store.update_device(rollout.id, device_id, reason=f"rollback failed: {exc}")
             return
         restored = device.previous_model or _NO_MODEL
-        self.store.update_device(rollout.id, device_id, rolled_back_at=now, rolled_back_to=restored)
-        logger.warning("rollout %d: %s rolled back to %s", rollout.id, device_id, restored)
+        if device.status == plan.DEVICE_FAILED:
+            # It never ran the new model (or undid it itself): only its metadata goes back.
+            logger.info(
+                "rollout %d: %s (failed) assigned %s again", rollout.id, device_id, restored
+            )
+        else:
+            self.store.update_device(
+                rollout.id, device_id, rolled_back_at=now, rolled_back_to=restored
+            )
+            logger.warning("rollout %d: %s rolled back to %s", rollout.id, device_id, restored)
         self._send_notify(device_id)
