@@ -299,6 +299,8 @@ def test_daemon_installs_swaps_rejects_and_restarts_offline(
         failed = observer.wait_for("events", lambda e: e.kind == "failed", "v3 failed")
         assert failed.version == "3.0.0" and failed.previous_version == "2.0.0"
         assert failed.reason is not None and failed.reason.startswith("self-test failed: vector")
+        signed = verify_report(failed.report, public.ed25519_key())
+        assert (signed["reason"], signed["previous_version"]) == (failed.reason, "2.0.0")
         count = len(observer.of("results"))
         observer.wait_for(
             "results",
