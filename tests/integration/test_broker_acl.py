@@ -137,6 +137,7 @@ def test_retained_device_state_reaches_a_late_controller(fleet: Fleet) -> None:
     fleet.connect_all()
     a.publish(TOPICS.state("dev-a"), b"online", qos=1, retain=True)
     assert inbox.get(timeout=TIMEOUT)[:2] == (TOPICS.state("dev-a"), b"online")
+    ctl.disconnect()  # one connection per certificate: the client id is its CN
     late = fleet.controller("fleetctl-late")
     late_inbox = inbox_for(late, TOPICS.fleet_filter("state"))
     late.connect()

@@ -19,9 +19,12 @@ from cryptography import x509
 from agent.daemon.config import config_from_toml
 from agent.protocol.topics import Topics
 from agent.transport import MessageProperties
+from agent.transport.base import Will
 from agent.transport.mqtt import PahoTransport, TlsFiles
 from tests.mosquitto import Mosquitto, free_port
+from tools.fleetctl.broker_acl import verify_password
 from tools.fleetctl.cli import main as fleetctl
+from tools.fleetctl.registry import Registry
 
 pytestmark = pytest.mark.integration
 
@@ -64,6 +67,7 @@ def test_files_and_permissions(fleet: dict[str, Any]) -> None:
         f"listener {fleet['port']}",
         "require_certificate true",
         "use_identity_as_username true",
+        "use_username_as_clientid true",
         "allow_anonymous false",
         "persistence false",
         f"acl_file {out / 'acl'}",
@@ -92,24 +96,64 @@ def test_running_config_again_keeps_the_ca(fleet: dict[str, Any], capsys: Any) -
 
 
 def test_controller_reads_and_writes_the_whole_prefix(fleet: dict[str, Any]) -> None:
+    # One connection per certificate (the client id is the CN); `fleetctl serve`'s shared
+    # subscriptions on mosquitto are exercised by the simulated fleets (tests/sim).
     ctl = controller(fleet)
-    replica = controller(fleet, "fleetctl-replica")  # same certificate, shared subscription
     everything = inbox_for(ctl, f"{TOPICS.prefix}/#")
-    shared = inbox_for(replica, TOPICS.controller_filters()["telemetry"])
     ctl.connect()
-    replica.connect()
     try:
-        assert ctl.wait_subscribed(TIMEOUT) and replica.wait_subscribed(TIMEOUT)
+        assert ctl.wait_subscribed(TIMEOUT)
         for kind in ("state", "telemetry", "notify", "repo/resp"):
             ctl.publish(TOPICS.device(kind, "pi-07"), kind.encode(), qos=1)
             assert everything.get(timeout=TIMEOUT)[:2] == (
                 TOPICS.device(kind, "pi-07"),
                 kind.encode(),
             )
-        assert shared.get(timeout=TIMEOUT)[:2] == (TOPICS.telemetry("pi-07"), b"telemetry")
-        assert shared.empty()
     finally:
-        replica.disconnect()
+        ctl.disconnect()
+
+
+def test_a_device_cannot_kick_another_off_with_its_client_id(
+    fleet: dict[str, Any], tmp_path: Path
+) -> None:
+    home = str(fleet["home"])
+    clients = {}
+    for device_id in ("pi-01", "pi-02"):
+        bundle = tmp_path / device_id
+        assert fleetctl(["--home", home, "device", "add", device_id, "--out", str(bundle)]) == 0
+        identity = bundle / "identity"
+        clients[device_id] = TlsFiles(
+            identity / "ca.crt", identity / "client.crt", identity / "client.key"
+        )
+    will = Will(TOPICS.state("pi-02"), b"offline", qos=1)
+    victim = PahoTransport(
+        host="127.0.0.1", port=fleet["port"], client_id="pi-02", tls=clients["pi-02"], will=will
+    )
+    # pi-01's certificate, pi-02's client id: the broker uses the CN (pi-01) as client id.
+    impostor = PahoTransport(
+        host="127.0.0.1", port=fleet["port"], client_id="pi-02", tls=clients["pi-01"]
+    )
+    ctl = controller(fleet)
+    inbox = inbox_for(ctl, f"{TOPICS.prefix}/#")
+    ctl.connect()
+    victim.connect()
+    try:
+        assert ctl.wait_subscribed(TIMEOUT) and victim.wait_connected(TIMEOUT)
+        impostor.connect()
+        assert impostor.wait_connected(TIMEOUT)
+        impostor.publish(TOPICS.telemetry("pi-01"), b"impostor here", qos=1)
+        victim.publish(TOPICS.telemetry("pi-02"), b"still here", qos=1)
+        expected = {
+            (TOPICS.telemetry("pi-02"), b"still here"),
+            (TOPICS.telemetry("pi-01"), b"impostor here"),  # in its own name only
+        }
+        seen: list[tuple[str, bytes]] = []
+        while not expected <= set(seen):
+            seen.append(inbox.get(timeout=TIMEOUT)[:2])
+        assert (TOPICS.state("pi-02"), b"offline") not in seen  # pi-02 was never kicked off
+    finally:
+        impostor.disconnect()
+        victim.disconnect()
         ctl.disconnect()
 
 
@@ -278,3 +322,16 @@ def test_mqtt_url_defaults_follow_the_fleet_ca_and_an_explicit_url_wins(tmp_path
     # The URL that used to be the default is kept as given, not replaced by the TLS broker.
     given = ["--mqtt-url", "mqtt://localhost:1883"]
     assert bundle_url(home, "pi-13", tmp_path / "b13", *given) == "mqtt://localhost:1883"
+
+
+def test_broker_password_gives_an_enrolled_device_a_new_login(tmp_path: Path) -> None:
+    home, out = str(tmp_path / "home"), tmp_path / "pw"
+    assert fleetctl(["--home", home, "init"]) == 0
+    assert fleetctl(["--home", home, "device", "add", "pi-04", "--out", str(tmp_path / "b")]) == 0
+    assert fleetctl(["--home", home, "broker", "password", "pi-99", "--out", str(out)]) == 2
+    assert fleetctl(["--home", home, "broker", "password", "pi-04", "--out", str(out)]) == 0
+    password = (out / "broker-password").read_text().strip()
+    assert stat.S_IMODE((out / "broker-password").stat().st_mode) == 0o600
+    assert password != (tmp_path / "b" / "identity" / "broker-password").read_text().strip()
+    with Registry.open(Path(home) / "registry.sqlite") as registry:
+        assert verify_password(registry.broker_credentials()["pi-04"], password.encode())

@@ -12,7 +12,8 @@ it with the server certificate), so new handshakes with a revoked certificate fa
 connected at that moment keeps its session until it reconnects; a restart cuts it at once.
 The controller certificate is also kept in ``HOME/pki`` for ``fleetctl serve --broker mqtts://``.
 ``fleetctl broker issue DEVICE --out DIR`` issues a client certificate for a device enrolled
-before the CA existed.
+before the CA existed; ``fleetctl broker password DEVICE --out DIR`` gives a device a new
+password for the embedded broker of ``fleetctl serve`` (devices enrolled before it had logins).
 Registered from ``tools.fleetctl.cli.COMMAND_MODULES``.
 """
 
@@ -104,6 +105,8 @@ def mosquitto_conf_text(directory: Path, port: int) -> str:
 # require_certificate true       mutual TLS: no client certificate, no connection
 # use_identity_as_username true  the certificate CN (device id, or "fleetctl") is the username
 #                                the ACL's %u patterns see; no passwords exist
+# use_username_as_clientid true  the client id is the username: a device cannot kick another
+#                                off by connecting with its id (one connection per identity)
 # tls_version tlsv1.2            the oldest TLS accepted (1.3 is negotiated when available)
 #
 # Paths are absolute: if you move these files (e.g. to /etc/mosquitto/fleet), edit them, and
@@ -125,6 +128,7 @@ certfile {d / "server.crt"}
 keyfile {d / "server.key"}
 require_certificate true
 use_identity_as_username true
+use_username_as_clientid true
 tls_version tlsv1.2
 """
 
@@ -228,6 +232,24 @@ def _cmd_broker_issue(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_broker_password(args: argparse.Namespace) -> int:
+    from agent.atomicio import atomic_write, ensure_private_dir  # noqa: PLC0415
+    from tools.fleetctl.devices import BROKER_PASSWORD_FILE, reset_broker_password  # noqa: PLC0415
+    from tools.fleetctl.home import FleetHome, default_home  # noqa: PLC0415
+
+    home = FleetHome(Path(args.home) if args.home else default_home())
+    home.require()
+    password = reset_broker_password(home, args.id)
+    out = ensure_private_dir(Path(args.out))
+    atomic_write(out / BROKER_PASSWORD_FILE, password + "\n", mode=0o600)
+    print(f"new embedded-broker password for {args.id} in {out / BROKER_PASSWORD_FILE} (0600)")
+    print(
+        f'  device agent.toml: [mqtt] password_file = "{BROKER_PASSWORD_FILE}" (in its'
+        " credentials directory); a running fleetctl serve refuses the old one within seconds"
+    )
+    return 0
+
+
 def register(commands: Any) -> None:
     """Add ``fleetctl broker config`` to the ``fleetctl`` parser."""
     broker = commands.add_parser("broker", help="MQTT broker setup (mosquitto config, fleet CA)")
@@ -254,3 +276,9 @@ def register(commands: Any) -> None:
     issue.add_argument("id", help="device id (the certificate CN)")
     issue.add_argument("--out", required=True, help="directory for client.crt/.key and ca.crt")
     issue.set_defaults(func=_cmd_broker_issue)
+    password = sub.add_parser(
+        "password", help="a new embedded-broker password for an enrolled device"
+    )
+    password.add_argument("id", help="device id (its broker username)")
+    password.add_argument("--out", required=True, help="directory for broker-password (0600)")
+    password.set_defaults(func=_cmd_broker_password)
