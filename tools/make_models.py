@@ -601,6 +601,9 @@ def make_vibration() -> dict[str, float]:
 
     def int8_weights(converter: Any) -> None:
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        # Per-channel dense weights need FULLY_CONNECTED v12, which tflite-runtime 2.14 (the
+        # legacy runtime on Raspberry Pi OS Bookworm) lacks; per-tensor keeps the same AUC.
+        converter._experimental_disable_per_channel_quantization_for_dense_layers = True
 
     int8 = tflite_convert(score_fn, (1, VIB_WINDOW, 3), int8_weights)
     write_model("vibration_int8.tflite", int8)

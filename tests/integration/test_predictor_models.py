@@ -13,7 +13,7 @@ import pytest
 from agent.modelcard import ImagePreprocess, ModelCard, SensorPreprocess, card_from_json
 from agent.pipeline.predictor import Predictor, derive_card
 from agent.pipeline.selftest import SelfTestError, run_self_test
-from agent.runtime import Model, UnsupportedModelError, available_runtimes, load_model
+from agent.runtime import Model, load_model
 
 pytestmark = pytest.mark.inference
 
@@ -27,21 +27,8 @@ def card(name: str) -> ModelCard:
     return card_from_json((MODELS / f"{name}.card.json").read_text())
 
 
-# Models the legacy tflite-runtime 2.14 cannot load (operator versions newer than it knows).
-LEGACY_TFLITE_GAPS = {"vibration_int8.tflite": "FULLY_CONNECTED"}
-
-
 def load(name: str) -> Model:
     return load_model((MODELS / name).read_bytes())
-
-
-def load_or_known_gap(name: str) -> Model | None:
-    """The model, or None when this is a known legacy-runtime gap (checked to fail as known)."""
-    if name in LEGACY_TFLITE_GAPS and available_runtimes()["tflite"].startswith("tflite_runtime"):
-        with pytest.raises(UnsupportedModelError, match=LEGACY_TFLITE_GAPS[name]):
-            load(name)
-        return None
-    return load(name)
 
 
 @cache
@@ -112,9 +99,7 @@ def test_a_model_without_a_card_runs_with_derived_preprocessing() -> None:
 
 @pytest.mark.parametrize("name", CARDS)
 def test_every_committed_card_passes_its_self_test(name: str) -> None:
-    model = load_or_known_gap(name)
-    if model is None:
-        return
+    model = load(name)
     report = run_self_test(model, card(name), strict=True)
     assert report.passed
     assert all(r.passed for r in report.results)
@@ -146,9 +131,7 @@ def test_predictor_flags_the_cards_faulty_window_from_raw_readings(name: str) ->
     vib = card(name)
     sensor = vib.preprocess
     assert isinstance(sensor, SensorPreprocess) and sensor.layout == "NTC"
-    model = load_or_known_gap(name)
-    if model is None:
-        return
+    model = load(name)
     predictor = Predictor(model, vib)
     verdicts = {}
     for vector in vib.selftest:
