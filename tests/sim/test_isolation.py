@@ -1,6 +1,7 @@
 """Per-device isolation on the running fleet, with a device's own certificate and the real ACL.
 
-Device A (dev-01's credentials) tries to speak for B (dev-02), to read B's repository answers,
+Device A (dev-01's credentials, its agent stopped meanwhile: mosquitto allows one connection
+per certificate) tries to speak for B (dev-02), to read B's repository answers,
 and to fetch B's director metadata (its grant) through its own, allowed request topic.
 """
 
@@ -33,9 +34,8 @@ def _client(fleet: Fleet, device_id: str) -> PahoTransport:
         cert_file=identity / "client.crt",
         key_file=identity / "client.key",
     )
-    client = PahoTransport(
-        host="127.0.0.1", port=fleet.port, client_id=f"{device_id}-probe", tls=tls
-    )
+    # mosquitto makes the certificate's CN the client id: one connection per device.
+    client = PahoTransport(host="127.0.0.1", port=fleet.port, client_id=device_id, tls=tls)
     client.connect()
     assert client.wait_connected(TIMEOUT)
     return client
@@ -43,6 +43,10 @@ def _client(fleet: Fleet, device_id: str) -> PahoTransport:
 
 @pytest.fixture
 def clients(mosquitto_fleet: Fleet) -> Iterator[tuple[PahoTransport, PahoTransport]]:
+    """Connections with dev-01's and dev-02's certificates, while their agents are stopped."""
+    probed = ("dev-01", "dev-02")
+    for device_id in probed:
+        mosquitto_fleet.stop_device(device_id)
     a = _client(mosquitto_fleet, "dev-01")
     b = _client(mosquitto_fleet, "dev-02")
     try:
@@ -50,6 +54,8 @@ def clients(mosquitto_fleet: Fleet) -> Iterator[tuple[PahoTransport, PahoTranspo
     finally:
         a.disconnect()
         b.disconnect()
+        for device_id in probed:
+            mosquitto_fleet.start_device(device_id)
 
 
 def _request(client: PahoTransport, device_id: str, path: str) -> bytes:
