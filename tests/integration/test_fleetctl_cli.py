@@ -185,7 +185,8 @@ def test_device_with_its_own_keys_gets_a_bundle_without_private_keys(
     public.write_text(json.dumps(identity.public_keys().to_dict()))
     ok(fleetctl(home, "device", "add", "cam-7", "--public-keys", str(public), cwd=tmp_path))
     bundle = tmp_path / "cam-7-bundle"
-    assert not (bundle / "identity").exists()
+    # No private keys; only the embedded broker's login, which the controller has to generate.
+    assert sorted(p.name for p in (bundle / "identity").iterdir()) == ["broker-password"]
     assert (bundle / "tuf" / "image" / "root.json").is_file()
     assert 'id = "cam-7"' in (bundle / "agent.toml").read_text()
     ok(fleetctl(home, "model", "add", str(TFLITE), "--name", "digits", "--version", "1"))

@@ -123,10 +123,15 @@ def test_a_version_1_registry_gains_the_certificate_table(tmp_path: Path) -> Non
             " VALUES ('old', 'x', 'e', '2026-01-01T00:00:00+00:00')"
         )
     with Registry.open(path) as registry:
-        assert registry.schema_version() == SCHEMA_VERSION == 2
+        assert registry.schema_version() == SCHEMA_VERSION == 3
         registry.add_certificate("old", 42)
+        registry.set_broker_credential("old", "scrypt$hash")
+        assert registry.broker_credentials() == {"old": "scrypt$hash"}
         registry.remove_device("old")
         assert [c.serial for c in registry.revoked_certificates()] == [42]
+        assert registry.broker_credentials() == {}  # a removed device has no login
+        with pytest.raises(RegistryError, match="removed"):
+            registry.set_broker_credential("old", "scrypt$other")
 
 
 def test_unassign_ends_the_current_assignment_and_keeps_history(tmp_path: Path) -> None:
