@@ -197,9 +197,11 @@ class Supervisor:
             try:
                 plaintext, entry = state.decrypt_installed(identity, self.device_id, slot)  # type: ignore[arg-type]
                 try:
-                    model = load_model(bytes(plaintext), format=entry.card.format)
+                    # The runtime keeps its own copy while the model is loaded; the decryption
+                    # buffer is zeroed so no second plaintext copy lingers (see updater.py).
+                    model = load_model(plaintext, format=entry.card.format)
                 finally:
-                    plaintext[:] = b"\0" * len(plaintext)
+                    plaintext[:] = bytes(len(plaintext))
                 predictor = Predictor(model, entry.card)
             except Exception as exc:
                 logger.error("cannot run the %s installed model: %s", slot, exc)

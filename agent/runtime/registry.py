@@ -37,7 +37,10 @@ def _backend(model_format: str) -> _Backend:
 
 
 def load_model(
-    data: bytes, *, format: str | None = None, options: RuntimeOptions | None = None
+    data: bytes | bytearray,
+    *,
+    format: str | None = None,
+    options: RuntimeOptions | None = None,
 ) -> Model:
     """Load a model from bytes in memory with the backend for its format.
 

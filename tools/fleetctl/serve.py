@@ -171,6 +171,11 @@ class ControllerService:
         from agent.transport.mqtt import PahoTransport, TlsFiles  # noqa: PLC0415 - paho
 
         options = self.options
+        # Namespaces written before director metadata named its device are refused by devices:
+        # re-sign them now rather than at their next timestamp refresh.
+        rebound = self.home.director().bind_namespaces()
+        if rebound:
+            logger.info("re-signed director metadata bound to %d device(s)", len(rebound))
         username = password = None
         if options.broker_url is None:
             from tools.fleetctl.broker import EmbeddedBroker  # noqa: PLC0415
