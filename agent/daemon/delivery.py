@@ -27,11 +27,11 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
 import time
 from collections.abc import Callable
 
 from agent.daemon.outbox import AckKey, AckKeyFunction, Outbox
+from agent.daemon.worker import ServiceThread
 from agent.protocol.errors import ProtocolError
 from agent.protocol.messages import ACK_KINDS, Ack, decode
 from agent.protocol.topics import Topics
@@ -78,8 +78,10 @@ def ack_key_function(topics: Topics) -> AckKeyFunction:
     return key_of
 
 
-class OutboxFlusher:
+class OutboxFlusher(ServiceThread):
     """Publishes the outbox in order while connected; forgets messages once acknowledged."""
+
+    thread_name = "edge-outbox"
 
     def __init__(
         self,
@@ -98,6 +100,7 @@ class OutboxFlusher:
                 f"outbox flusher: expected window >= 1, ack_timeout_s > 0 and max_attempts >= 1,"
                 f" got {window}, {ack_timeout_s} and {max_attempts}"
             )
+        super().__init__()
         self._outbox = outbox
         self._transport = transport
         self._ack_topic = topics.ack(device_id)
@@ -105,9 +108,6 @@ class OutboxFlusher:
         self._ack_timeout_s = ack_timeout_s
         self._max_attempts = max_attempts
         self._clock = clock
-        self._stop = threading.Event()
-        self._wake = threading.Event()
-        self._thread: threading.Thread | None = None
         self._last_ack_at: float | None = None
         self.published = 0  # publishes, re-sends included
         self.resent = 0
@@ -139,18 +139,6 @@ class OutboxFlusher:
         """The connection came back: whatever was in flight may be lost, publish it again now."""
         self._outbox.reset_in_flight()
         self._wake.set()
-
-    def start(self) -> None:
-        """Start the flusher thread."""
-        self._thread = threading.Thread(target=self._run, name="edge-outbox", daemon=True)
-        self._thread.start()
-
-    def stop(self, timeout: float = 5.0) -> None:
-        """Stop the thread (queued messages stay in the outbox)."""
-        self._stop.set()
-        self._wake.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
 
     def flush_once(self) -> int:
         """Publish what the window allows; returns how many were published (0: nothing/offline)."""

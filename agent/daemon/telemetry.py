@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import logging
 import queue
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from agent.daemon.outbox import Outbox, OutboxError
 from agent.daemon.sysinfo import SystemProbe, SystemSnapshot
+from agent.daemon.worker import ServiceThread
 from agent.pipeline.histogram import LatencyHistogram
 from agent.pipeline.loop import LoopStats
 from agent.protocol.messages import (
@@ -145,8 +145,10 @@ class TelemetryAggregator:
         return message
 
 
-class TelemetryService:
+class TelemetryService(ServiceThread):
     """Every interval: drain the loop, read the board, queue one message in the outbox."""
+
+    thread_name = "edge-telemetry"
 
     def __init__(
         self,
@@ -161,6 +163,7 @@ class TelemetryService:
         probe: SystemProbe | None = None,
         wall_clock: Callable[[], float],
     ) -> None:
+        super().__init__()
         self._outbox = outbox
         self._topic = topics.telemetry(device_id)
         self._drain = drain
@@ -170,9 +173,6 @@ class TelemetryService:
         self.interval_s = interval_s
         self.aggregator = TelemetryAggregator(boot_id)
         self._cuts: queue.SimpleQueue[IntervalSample] = queue.SimpleQueue()
-        self._wake = threading.Event()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
 
     def cut(self, sample: IntervalSample) -> None:
         """Queue an interval ended early (a model change); thread-safe and quick."""
@@ -183,18 +183,6 @@ class TelemetryService:
         """Apply a reloaded ``[telemetry] interval_s`` from the next interval on."""
         self.interval_s = interval_s
         self._wake.set()
-
-    def start(self) -> None:
-        """Start the reporting thread."""
-        self._thread = threading.Thread(target=self._run, name="edge-telemetry", daemon=True)
-        self._thread.start()
-
-    def stop(self, timeout: float = 5.0) -> None:
-        """Stop the thread (no final report: the interval is not complete)."""
-        self._stop.set()
-        self._wake.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
 
     def report(self, sample: IntervalSample) -> TelemetryMessage | None:
         """Build and queue one message; returns it (None if the outbox refused it)."""

@@ -45,6 +45,7 @@ from agent.daemon.config import UpdateConfig
 from agent.daemon.inference import InferenceService, RunningModel
 from agent.daemon.outbox import Outbox, OutboxError
 from agent.daemon.update_machine import Input, Transition, UpdateMachine
+from agent.daemon.worker import ServiceThread
 from agent.protocol.messages import EventMessage, encode
 from agent.protocol.topics import Topics
 from agent.supplychain.identity import DeviceIdentity
@@ -197,8 +198,11 @@ def is_transport_failure(exc: BaseException) -> bool:
     return isinstance(exc, FetchError | DownloadError | TransportError)
 
 
-class UpdaterService:
+class UpdaterService(ServiceThread):
     """Runs update cycles in a thread: on start, on :meth:`notify` and every poll interval."""
+
+    thread_name = "edge-updater"
+    stop_timeout_s = 10.0  # a step in progress (a download, a self-test) finishes first
 
     def __init__(
         self,
@@ -214,6 +218,7 @@ class UpdaterService:
         can_fetch: Callable[[], bool] = lambda: True,
         retry_after_s: float = RETRY_AFTER_S,
     ) -> None:
+        super().__init__()
         self.config = config
         self.state = state
         self.identity = identity
@@ -231,28 +236,17 @@ class UpdaterService:
         self.machine = UpdateMachine(
             previous_version=committed.version if committed is not None else None
         )
-        self._trigger = threading.Event()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
         self.cycles = 0
         self.cycle_done = threading.Condition()
 
     def notify(self) -> None:
         """Run a cycle as soon as possible (a controller ``Notify``, a reconnect)."""
-        self._trigger.set()
+        self._wake.set()
 
     def start(self) -> None:
         """Start the updater thread; the first cycle runs at once."""
-        self._trigger.set()
-        self._thread = threading.Thread(target=self._run, name="edge-updater", daemon=True)
-        self._thread.start()
-
-    def stop(self, timeout: float = 10.0) -> None:
-        """Stop after the current step (a watch in progress ends without a commit)."""
-        self._stop.set()
-        self._trigger.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
+        self._wake.set()
+        super().start()
 
     def next_wait_s(self) -> float:
         """Seconds until the next cycle unless notified: a backoff after transport failures."""
@@ -263,8 +257,8 @@ class UpdaterService:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self._trigger.wait(self.next_wait_s())
-            self._trigger.clear()
+            self._wake.wait(self.next_wait_s())
+            self._wake.clear()
             if self._stop.is_set():
                 return
             if not self.can_fetch():
