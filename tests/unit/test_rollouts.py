@@ -313,10 +313,25 @@ def test_latency_within_limit_lets_waves_go_on(fleet: Fleet) -> None:
     assert fleet.statuses(rollout_id)["pi-01"] == "updating"
 
 
+def test_pausing_a_pending_rollout_holds_its_first_wave(fleet: Fleet) -> None:
+    rollout_id = fleet.deploy()
+    fleet.store.request(rollout_id, "pause")  # before the engine has seen it
+    fleet.engine.tick()
+    fleet.engine.tick()
+    paused = fleet.store.get(rollout_id)
+    assert paused.state == "paused"
+    assert set(fleet.statuses(rollout_id).values()) == {"pending"}
+    assert fleet.notified == []
+    fleet.store.request(rollout_id, "resume")
+    fleet.engine.tick()
+    resumed = fleet.store.get(rollout_id)
+    assert resumed.state == "running"
+    assert resumed.started_at is not None
+    assert fleet.statuses(rollout_id)["pi-00"] == "updating"
+
+
 def test_pause_and_resume(fleet: Fleet) -> None:
     rollout_id = fleet.deploy()
-    with pytest.raises(RolloutError, match="pending, cannot become paused"):
-        fleet.store.request(rollout_id, "pause")
     fleet.engine.tick()
     assert fleet.store.request(rollout_id, "pause").request == "pause"
     fleet.engine.tick()

@@ -66,7 +66,7 @@ PENDING, RUNNING, PAUSED, SUCCEEDED, ABORTED = (
     "aborted",
 )
 ROLLOUT_TRANSITIONS: Mapping[str, frozenset[str]] = {
-    PENDING: frozenset({RUNNING, ABORTED}),
+    PENDING: frozenset({RUNNING, PAUSED, ABORTED}),  # paused before its first wave: holds it
     RUNNING: frozenset({PAUSED, SUCCEEDED, ABORTED}),
     PAUSED: frozenset({RUNNING, ABORTED}),
     SUCCEEDED: frozenset(),

@@ -141,7 +141,8 @@ class RolloutEngine:
             except plan.RolloutPlanError as exc:
                 logger.warning("rollout %d: %s request ignored: %s", rollout.id, action, exc)
             else:
-                self.store.update_rollout(rollout.id, state=new_state)
+                started = {} if rollout.started_at is not None else {"started_at": now}
+                self.store.update_rollout(rollout.id, state=new_state, **started)
                 logger.info("rollout %d %s", rollout.id, new_state)
         return self.store.get(rollout.id)
 
