@@ -11,7 +11,7 @@ import contextlib
 import os
 from pathlib import Path
 
-__all__ = ["atomic_write", "ensure_private_dir"]
+__all__ = ["atomic_write", "commit_file", "ensure_private_dir"]
 
 
 def atomic_write(path: str | os.PathLike[str], data: bytes | str, *, mode: int = 0o644) -> None:
@@ -36,6 +36,24 @@ def atomic_write(path: str | os.PathLike[str], data: bytes | str, *, mode: int =
     os.close(fd)
     os.replace(tmp, target)
     _fsync_dir(directory)
+
+
+def commit_file(
+    written: str | os.PathLike[str], target: str | os.PathLike[str], *, mode: int
+) -> None:
+    """Durably move a file someone else wrote in ``target``'s directory into place.
+
+    The last steps of :func:`atomic_write` (set ``mode``, fsync, rename, fsync the directory) for a
+    large file that already exists, so it is not written a second time.
+    """
+    fd = os.open(written, os.O_RDONLY | os.O_NOFOLLOW)
+    try:
+        os.fchmod(fd, mode)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(written, target)
+    _fsync_dir(Path(target).parent)
 
 
 def ensure_private_dir(path: str | os.PathLike[str], *, mode: int = 0o700) -> Path:

@@ -37,7 +37,7 @@ from tuf.ngclient.config import UpdaterConfig
 from tuf.ngclient.fetcher import FetcherInterface
 from tuf.ngclient.updater import Updater
 
-from agent.atomicio import ensure_private_dir
+from agent.atomicio import commit_file, ensure_private_dir
 from agent.modelcard import ModelCard
 from agent.supplychain import errors
 from agent.supplychain.envelope import SegmentDecryptor, decrypt_to_memory
@@ -321,7 +321,7 @@ class DeviceUpdateClient:
                         f" {len(data)}"
                     )
                 plaintext = self._decrypt(plan, data)
-                _keep_durably(download, ciphertext_file)
+                commit_file(download, ciphertext_file, mode=0o600)
             finally:
                 download.unlink(missing_ok=True)
         logger.info(
@@ -374,22 +374,3 @@ class DeviceUpdateClient:
                 f"target {plan.target_path!r}: expected {plan.length} bytes with sha256"
                 f" {plan.sha256}, got {len(data)} bytes with sha256 {digest}"
             )
-
-
-def _keep_durably(download: Path, destination: Path) -> None:
-    """Make the file ngclient wrote the stored ciphertext: fsync, rename, fsync the directory.
-
-    The same steps as :func:`agent.atomicio.atomic_write`, without writing 20 MiB once more.
-    """
-    fd = os.open(download, os.O_RDONLY | os.O_NOFOLLOW)
-    try:
-        os.fchmod(fd, 0o600)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(download, destination)
-    fd = os.open(destination.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
